@@ -1,0 +1,1 @@
+"""One module per `structsim` subcommand: `configure(parser)` and `run(args) -> int`."""
