@@ -1,0 +1,241 @@
+"""The scoring engine: pairs in, P(similar) out. Synchronous, torch only; no HTTP, no asyncio.
+
+How a batch runs: pairs are sorted by token count (longest first) and cut into sub-batches of at
+most `max_batch_size` pairs and `max_batch_tokens` padded tokens; each sub-batch is padded only to
+its own length bucket (a multiple of `bucket_multiple`), not to the longest pair of the whole call;
+its ids, token types and mask go to the device in one copy (from pinned memory on CUDA); the
+forward runs under `torch.inference_mode()`; probabilities come back in fp32 and are put back in
+the caller's order. A CUDA out-of-memory error on a sub-batch empties the allocator cache and
+retries the two halves, down to a single pair, before giving up with `EngineOOMError`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from similarity_service.bert import BertSimilarity
+from similarity_service.engine_api import EncodedPair, EngineInfo
+from similarity_service.model import UnsupportedModelError, fingerprint, load_model, resolve_model
+from similarity_service.precision import (
+    describe_device,
+    matmul_precision,
+    resolve_device,
+    resolve_precision,
+    torch_dtype,
+)
+from similarity_service.tokenization import SPECIAL_TOKENS_PER_PAIR, PairTokenizer, VocabularyError
+
+# Padded tokens per forward. At BERT-base size this bounds activation memory to a few hundred MB in
+# fp16 while still feeding a GPU fully (e.g. 64 pairs of 512 tokens, or 256 pairs of 128).
+DEFAULT_MAX_BATCH_TOKENS = 32_768
+# Sub-batches are padded up to a multiple of this many tokens: few distinct shapes (each warmed up
+# once), little padding (at most bucket_multiple - 1 tokens a pair), and Tensor Core-friendly sizes.
+DEFAULT_BUCKET_MULTIPLE = 16
+
+
+class EngineOOMError(RuntimeError):
+    """Out of GPU memory even for a single pair; the engine itself is still usable."""
+
+
+def bucket_lengths(max_seq_len: int, multiple: int) -> tuple[int, ...]:
+    """All padded lengths a sub-batch can have: multiples of `multiple` below max_seq_len, and max_seq_len."""
+    return (*range(multiple, max_seq_len, multiple), max_seq_len)
+
+
+def plan_batches(
+    lengths: Sequence[int], *, max_batch_size: int, max_batch_tokens: int, bucket_multiple: int, max_seq_len: int
+) -> list[tuple[list[int], int]]:
+    """Group pair indices into sub-batches: (indices, padded length), longest pairs first.
+
+    A sub-batch holds at most `max_batch_size` pairs and, padded, at most `max_batch_tokens` tokens
+    (a pair longer than that budget still runs, alone).
+    """
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index], reverse=True)
+    batches: list[tuple[list[int], int]] = []
+    current: list[int] = []
+    padded = 0
+    for index in order:
+        if current and (len(current) >= max_batch_size or (len(current) + 1) * padded > max_batch_tokens):
+            batches.append((current, padded))
+            current = []
+        if not current:  # the first pair of a sub-batch is its longest
+            padded = _bucket(lengths[index], bucket_multiple, max_seq_len)
+        current.append(index)
+    if current:
+        batches.append((current, padded))
+    return batches
+
+
+def _bucket(length: int, multiple: int, max_seq_len: int) -> int:
+    return min(-(-length // multiple) * multiple, max_seq_len)
+
+
+class Engine:
+    """A loaded model on one device in one precision. Implements `engine_api.ScoringEngine`.
+
+    `encode` may be called from any thread; forwards are serialized by a lock, so `score_encoded` and
+    `score` are safe from several threads too (the HTTP service calls them from one).
+    """
+
+    def __init__(
+        self,
+        *,
+        module: BertSimilarity,
+        tokenizer: PairTokenizer,
+        info: EngineInfo,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        bucket_multiple: int,
+    ) -> None:
+        if max_batch_size < 1 or max_batch_tokens < 1 or bucket_multiple < 1:
+            raise ValueError("max_batch_size, max_batch_tokens and bucket_multiple must be positive")
+        self._module = module
+        self._tokenizer = tokenizer
+        self._info = info
+        self._device = torch.device(info.device)
+        self._pin_memory = self._device.type == "cuda"
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.bucket_multiple = bucket_multiple
+        self.buckets = bucket_lengths(info.max_seq_len, bucket_multiple)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        offline: bool = False,
+        precision: str = "auto",
+        device: str = "auto",
+        max_seq_len: int = 512,
+        max_batch_size: int = 256,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        bucket_multiple: int = DEFAULT_BUCKET_MULTIPLE,
+    ) -> Engine:
+        """Load a model (local directory or ModelScope hub id) onto a device in a precision.
+
+        Raises `ModelLoadError` (model), `PrecisionError` / `DeviceError` (device), ValueError (limits).
+        Device and precision are checked first, so a bad flag fails before a download.
+        """
+        torch_device = resolve_device(device)
+        facts = describe_device(torch_device)
+        chosen = resolve_precision(precision, torch_device, capability=facts.capability, device_name=facts.name)
+        loaded = load_model(resolve_model(model, revision=revision, cache_dir=cache_dir, offline=offline))
+        model_dir = loaded.resolved.model_dir
+        limit = loaded.config.max_position_embeddings
+        if not SPECIAL_TOKENS_PER_PAIR <= max_seq_len <= limit:
+            raise ValueError(f"max_seq_len must be between {SPECIAL_TOKENS_PER_PAIR} and {limit} for this model, got {max_seq_len}")
+        try:
+            tokenizer = PairTokenizer(model_dir, max_seq_len=max_seq_len)
+        except (OSError, VocabularyError) as exc:
+            raise UnsupportedModelError(f"cannot build the tokenizer of {model_dir}: {exc}") from exc
+        if tokenizer.vocab_size > loaded.config.vocab_size:
+            raise UnsupportedModelError(
+                f"{model_dir / 'vocab.txt'} has {tokenizer.vocab_size} tokens, more than config.json's "
+                f"vocab_size {loaded.config.vocab_size}"
+            )
+        module = loaded.module.to(device=torch_device, dtype=torch_dtype(chosen)).keep_head_fp32()
+        info = EngineInfo(
+            model_id=loaded.resolved.model_id,
+            revision=loaded.resolved.revision,
+            model_dir=str(model_dir),
+            fingerprint=fingerprint(model_dir, loaded.weights_file, max_seq_len),
+            precision=chosen,
+            device=str(torch_device),
+            device_name=facts.name,
+            compute_capability=".".join(map(str, facts.capability)) if facts.capability else None,
+            max_seq_len=max_seq_len,
+        )
+        return cls(
+            module=module,
+            tokenizer=tokenizer,
+            info=info,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+            bucket_multiple=bucket_multiple,
+        )
+
+    @property
+    def info(self) -> EngineInfo:
+        """Model, precision and device facts."""
+        return self._info
+
+    def encode(self, pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
+        """Tokenize (sentence1, sentence2) pairs, truncated longest-first to max_seq_len."""
+        return self._tokenizer.encode(pairs)
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """P(similar) for each (sentence1, sentence2) pair, in order."""
+        return self.score_encoded(self.encode(pairs))
+
+    def score_encoded(self, batch: Sequence[EncodedPair]) -> list[float]:
+        """P(similar) for each encoded pair, in the order given; any number of pairs."""
+        for item in batch:
+            if not 0 < len(item.input_ids) <= self._info.max_seq_len or len(item.token_type_ids) != len(item.input_ids):
+                raise ValueError(
+                    f"an encoded pair has {len(item.input_ids)} ids and {len(item.token_type_ids)} type ids; "
+                    f"this engine takes 1 to {self._info.max_seq_len} of each (encode with this engine)"
+                )
+        scores = [0.0] * len(batch)
+        plan = plan_batches(
+            [len(item.input_ids) for item in batch],
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            bucket_multiple=self.bucket_multiple,
+            max_seq_len=self._info.max_seq_len,
+        )
+        for indices, padded in plan:
+            for index, score in zip(indices, self._score_splitting([batch[i] for i in indices], padded), strict=True):
+                scores[index] = score
+        return scores
+
+    def warmup(self) -> None:
+        """Run one pair at every bucket length, so no request meets a first-call outlier (cuDNN/cuBLAS
+        pick kernels per shape on first use)."""
+        cls_id, sep_id = self._tokenizer.cls_id, self._tokenizer.sep_id
+        for length in self.buckets:
+            ids = [cls_id] + [sep_id] * (length - 1)
+            self._score_splitting([EncodedPair(ids, [0] * length)], length)
+
+    def _score_splitting(self, items: list[EncodedPair], padded: int) -> list[float]:
+        """Forward one sub-batch; on CUDA OOM retry its halves (each padded to its own bucket)."""
+        try:
+            with self._lock:
+                return self._forward(items, padded)
+        except torch.cuda.OutOfMemoryError:
+            if len(items) == 1:
+                raise EngineOOMError(
+                    f"out of GPU memory on {self._info.device_name} ({self._info.device}) scoring a single pair "
+                    f"of {len(items[0].input_ids)} tokens in {self._info.precision}; free GPU memory or lower max_seq_len"
+                ) from None
+        # Retried outside the except block, so the failed attempt's tensors (held by its traceback) are freed.
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(items) // 2
+        first, second = items[:half], items[half:]
+        return self._score_splitting(first, self._padded(first)) + self._score_splitting(second, self._padded(second))
+
+    def _padded(self, items: list[EncodedPair]) -> int:
+        return _bucket(max(len(item.input_ids) for item in items), self.bucket_multiple, self._info.max_seq_len)
+
+    def _forward(self, items: list[EncodedPair], padded: int) -> list[float]:
+        # One int32 block (ids, token types, mask) so there is a single host→device copy. Padding ids are
+        # 0 ([PAD]); they are masked out, and the mask (not the id) marks them, as a typed "[PAD]" is real.
+        host = torch.zeros((3, len(items), padded), dtype=torch.int32, pin_memory=self._pin_memory)
+        block = host.numpy()
+        for row, item in enumerate(items):
+            count = len(item.input_ids)
+            block[0, row, :count] = item.input_ids
+            block[1, row, :count] = item.token_type_ids
+            block[2, row, :count] = 1
+        tensors = host.to(self._device, non_blocking=self._pin_memory)
+        with torch.inference_mode(), matmul_precision(self._info.precision):
+            logits = self._module(tensors[0], tensors[1], tensors[2].bool())
+            return torch.sigmoid(logits).cpu().tolist()

@@ -1,0 +1,122 @@
+"""The pair tokenizer: `[CLS] a [SEP] b [SEP]` with token type ids, built from a model's `vocab.txt`.
+
+It is the Rust `tokenizers` pipeline that Hugging Face builds for BERT (BertNormalizer with Chinese
+characters split one per token, BertPreTokenizer, WordPiece, the BERT pair template), and it gives
+the same ids as transformers' slow `BertTokenizer`, which is what ModelScope's `sen-sim-tokenizer`
+preprocessor uses for StructBERT. One difference needs care: when a pair is too long, the Rust
+truncator gives the odd token of a balanced cut to the *longer* sequence, the slow tokenizer to the
+*first* one. The model was trained and is served by ModelScope with the slow tokenizer's cut, so
+truncation is done here, in Python, with the slow tokenizer's rule (only long pairs pay for it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer
+from tokenizers.models import WordPiece
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
+from tokenizers.processors import TemplateProcessing
+
+from similarity_service.engine_api import EncodedPair
+
+# BERT's special tokens; the slow tokenizer never splits them, so "[SEP]" typed in a sentence is one token.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# `[CLS]`, and `[SEP]` after each sentence.
+SPECIAL_TOKENS_PER_PAIR = 3
+
+
+class VocabularyError(ValueError):
+    """A `vocab.txt` that cannot back a BERT tokenizer (missing special tokens, empty)."""
+
+
+def read_vocab(path: Path) -> dict[str, int]:
+    """Token → id, one token per line; like transformers' `load_vocab`, a repeated token keeps its last line."""
+    vocab: dict[str, int] = {}
+    with path.open(encoding="utf-8") as handle:
+        for index, line in enumerate(handle):
+            vocab[line.rstrip("\n")] = index
+    missing = [token for token in ("[UNK]", "[CLS]", "[SEP]") if token not in vocab]
+    if missing:
+        raise VocabularyError(f"{path} lacks the special token(s) {', '.join(missing)}")
+    return vocab
+
+
+def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """How many tokens of each sentence to keep so that both fit in `budget`.
+
+    transformers' slow tokenizer rule: take tokens off the longer sentence until both are the same
+    length, then alternately, the second sentence first (so on an odd cut the first keeps one more).
+    """
+    excess = len_a + len_b - budget
+    if excess <= 0:
+        return len_a, len_b
+    unequal = min(abs(len_a - len_b), excess)
+    balanced = excess - unequal
+    if len_a > len_b:
+        return len_a - unequal - balanced // 2, len_b - (balanced - balanced // 2)
+    return len_a - balanced // 2, len_b - unequal - (balanced - balanced // 2)
+
+
+class PairTokenizer:
+    """Encodes sentence pairs for a BERT cross-encoder. Thread-safe: the Rust tokenizer holds no Python state."""
+
+    def __init__(self, model_dir: str | Path, *, max_seq_len: int = 512) -> None:
+        model_dir = Path(model_dir)
+        if max_seq_len < SPECIAL_TOKENS_PER_PAIR:
+            raise ValueError(f"max_seq_len must be at least {SPECIAL_TOKENS_PER_PAIR}, got {max_seq_len}")
+        vocab = read_vocab(model_dir / "vocab.txt")
+        lowercase, strip_accents = _casing(model_dir)
+        tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        tokenizer.normalizer = BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase
+        )
+        tokenizer.pre_tokenizer = BertPreTokenizer()
+        tokenizer.post_processor = TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        tokenizer.add_special_tokens([token for token in SPECIAL_TOKENS if token in vocab])
+        self._tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.vocab_size = len(vocab)
+        self.cls_id = vocab["[CLS]"]
+        self.sep_id = vocab["[SEP]"]
+        self.pad_id = vocab.get("[PAD]", 0)
+
+    def encode(self, pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
+        """Tokenize pairs in one Rust batch call; long pairs are cut longest-first to `max_seq_len`."""
+        if not pairs:
+            return []
+        encodings = self._tokenizer.encode_batch_fast([(a, b) for a, b in pairs], add_special_tokens=True)
+        return [self._fit(encoding.ids, encoding.type_ids) for encoding in encodings]
+
+    def _fit(self, ids: list[int], type_ids: list[int]) -> EncodedPair:
+        if len(ids) <= self.max_seq_len:
+            return EncodedPair(ids, type_ids)
+        # The template puts the first sentence's tokens at 1..len_a and the second's after ids[len_a + 1] (SEP).
+        len_a = type_ids.index(1) - 2
+        len_b = len(ids) - len_a - SPECIAL_TOKENS_PER_PAIR
+        keep_a, keep_b = truncate_longest_first(len_a, len_b, self.max_seq_len - SPECIAL_TOKENS_PER_PAIR)
+        start_b = len_a + 2
+        new_ids = [*ids[: 1 + keep_a], self.sep_id, *ids[start_b : start_b + keep_b], self.sep_id]
+        return EncodedPair(new_ids, [0] * (keep_a + 2) + [1] * (keep_b + 1))
+
+
+def _casing(model_dir: Path) -> tuple[bool, bool | None]:
+    """(lowercase, strip_accents) as transformers' BertTokenizer would read them from tokenizer_config.json.
+
+    Without that file (as in ModelScope's StructBERT), BertTokenizer lowercases and strips accents.
+    """
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return True, None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VocabularyError(f"{path} is not readable JSON: {exc}") from exc
+    return bool(config.get("do_lower_case", True)), config.get("strip_accents")
