@@ -1,12 +1,16 @@
 """The scoring engine: pairs in, P(similar) out. Synchronous, torch only; no HTTP, no asyncio.
 
-How a batch runs: pairs are sorted by token count (longest first) and cut into sub-batches of at
+How a batch runs on the CPU, and on CUDA in fp32/tf32: pairs are sorted by token count (longest first) and cut into sub-batches of at
 most `max_batch_size` pairs and `max_batch_tokens` padded tokens; each sub-batch is padded only to
 its own length bucket (a multiple of `bucket_multiple`), not to the longest pair of the whole call;
 its ids, token types and mask go to the device in one copy (from pinned memory on CUDA); the
 forward runs under `torch.inference_mode()`; probabilities come back in fp32 and are put back in
 the caller's order. A CUDA out-of-memory error on a sub-batch empties the allocator cache and
 retries the two halves, down to a single pair, before giving up with `EngineOOMError`.
+
+On CUDA in fp16/bf16 the engine runs packed instead (packed.py, packed_executor.py): no padding at
+all, variable-length flash attention, CUDA graphs for small batches, optionally torch.compile; the
+sub-batches are cut by real tokens, launched back to back, and synchronized once at the end.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 from similarity_service.bert import BertSimilarity
 from similarity_service.engine_api import EncodedPair, EngineInfo
 from similarity_service.model import UnsupportedModelError, fingerprint, load_model, resolve_model
+from similarity_service.packed import cuda_varlen_attention
+from similarity_service.packed_executor import PackedExecutor
 from similarity_service.precision import (
     describe_device,
     matmul_precision,
@@ -35,6 +41,11 @@ DEFAULT_MAX_BATCH_TOKENS = 32_768
 # Sub-batches are padded up to a multiple of this many tokens: few distinct shapes (each warmed up
 # once), little padding (at most bucket_multiple - 1 tokens a pair), and Tensor Core-friendly sizes.
 DEFAULT_BUCKET_MULTIPLE = 16
+# Real tokens per packed forward (CUDA fp16/bf16). Measured on an H100 (bench/kernels_probe.py):
+# throughput is flat from 32k to 64k tokens, and 64k tokens of BERT-base activations fit in ~0.5 GB.
+DEFAULT_MAX_PACKED_TOKENS = 65_536
+# Precisions the flash varlen kernel takes.
+PACKED_PRECISIONS = ("fp16", "bf16")
 
 
 class EngineOOMError(RuntimeError):
@@ -90,6 +101,8 @@ class Engine:
         max_batch_size: int,
         max_batch_tokens: int,
         bucket_multiple: int,
+        packed: PackedExecutor | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_batch_tokens < 1 or bucket_multiple < 1:
             raise ValueError("max_batch_size, max_batch_tokens and bucket_multiple must be positive")
@@ -103,6 +116,8 @@ class Engine:
         self.bucket_multiple = bucket_multiple
         self.buckets = bucket_lengths(info.max_seq_len, bucket_multiple)
         self._lock = threading.Lock()
+        self._packed = packed
+        self.cuda_graphs = cuda_graphs
 
     @classmethod
     def load(
@@ -118,11 +133,18 @@ class Engine:
         max_batch_size: int = 256,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         bucket_multiple: int = DEFAULT_BUCKET_MULTIPLE,
+        packed: bool = True,
+        cuda_graphs: bool = True,
+        compile_model: bool = False,
     ) -> Engine:
         """Load a model (local directory or ModelScope hub id) onto a device in a precision.
 
         Raises `ModelLoadError` (model), `PrecisionError` / `DeviceError` (device), ValueError (limits).
         Device and precision are checked first, so a bad flag fails before a download.
+
+        `packed`, `cuda_graphs` and `compile_model` choose the CUDA fp16/bf16 fast path's levers (they do
+        nothing elsewhere): packed varlen forwards, CUDA graphs for small batches, torch.compile (slower
+        start, faster forwards). `max_batch_tokens` counts real tokens on the packed path.
         """
         torch_device = resolve_device(device)
         facts = describe_device(torch_device)
@@ -153,6 +175,12 @@ class Engine:
             compute_capability=".".join(map(str, facts.capability)) if facts.capability else None,
             max_seq_len=max_seq_len,
         )
+        executor = None
+        attention = cuda_varlen_attention()
+        if packed and torch_device.type == "cuda" and chosen in PACKED_PRECISIONS and attention is not None:
+            executor = PackedExecutor(module, torch_device, attention, compile_model=compile_model)
+            if max_batch_tokens == DEFAULT_MAX_BATCH_TOKENS:
+                max_batch_tokens = DEFAULT_MAX_PACKED_TOKENS
         return cls(
             module=module,
             tokenizer=tokenizer,
@@ -160,6 +188,8 @@ class Engine:
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
             bucket_multiple=bucket_multiple,
+            packed=executor,
+            cuda_graphs=cuda_graphs,
         )
 
     @property
@@ -183,6 +213,8 @@ class Engine:
                     f"an encoded pair has {len(item.input_ids)} ids and {len(item.token_type_ids)} type ids; "
                     f"this engine takes 1 to {self._info.max_seq_len} of each (encode with this engine)"
                 )
+        if self._packed is not None:
+            return self._score_packed(batch)
         scores = [0.0] * len(batch)
         plan = plan_batches(
             [len(item.input_ids) for item in batch],
@@ -198,11 +230,54 @@ class Engine:
 
     def warmup(self) -> None:
         """Run one pair at every bucket length, so no request meets a first-call outlier (cuDNN/cuBLAS
-        pick kernels per shape on first use)."""
+        pick kernels per shape on first use); on the packed path, capture every CUDA graph."""
         cls_id, sep_id = self._tokenizer.cls_id, self._tokenizer.sep_id
+        if self._packed is not None:
+            with self._lock:
+                if self.cuda_graphs:
+                    self._packed.capture_all()
+                for length in (8, 64, self._info.max_seq_len):  # the eager path's first calls
+                    ids = [cls_id] + [sep_id] * (length - 1)
+                    self._packed.launch([EncodedPair(ids, [0] * length)] * 80, use_graphs=False)
+                torch.cuda.synchronize(self._device)
+            return
         for length in self.buckets:
             ids = [cls_id] + [sep_id] * (length - 1)
             self._score_splitting([EncodedPair(ids, [0] * length)], length)
+
+    def _score_packed(self, batch: Sequence[EncodedPair]) -> list[float]:
+        """Cut by real tokens and pairs in the given order (packing needs no sorting), launch every
+        sub-batch back to back, and synchronize once."""
+        outputs: list[torch.Tensor] = []
+        start = 0
+        with self._lock:
+            while start < len(batch):
+                end, tokens = start, 0
+                while end < len(batch) and end - start < self.max_batch_size:
+                    tokens += len(batch[end].input_ids)
+                    if end > start and tokens > self.max_batch_tokens:
+                        break
+                    end += 1
+                outputs += self._launch_splitting(list(batch[start:end]))
+                start = end
+            if not outputs:
+                return []
+            return torch.sigmoid(torch.cat(outputs)).cpu().tolist()
+
+    def _launch_splitting(self, items: list[EncodedPair]) -> list[torch.Tensor]:
+        """Launch one packed sub-batch; on CUDA OOM retry its halves. Caller holds the lock."""
+        assert self._packed is not None
+        try:
+            return [self._packed.launch(items, use_graphs=self.cuda_graphs)]
+        except torch.cuda.OutOfMemoryError:
+            if len(items) == 1:
+                raise EngineOOMError(
+                    f"out of GPU memory on {self._info.device_name} ({self._info.device}) scoring a single pair "
+                    f"of {len(items[0].input_ids)} tokens in {self._info.precision}; free GPU memory or lower max_seq_len"
+                ) from None
+        torch.cuda.empty_cache()
+        half = len(items) // 2
+        return self._launch_splitting(items[:half]) + self._launch_splitting(items[half:])
 
     def _score_splitting(self, items: list[EncodedPair], padded: int) -> list[float]:
         """Forward one sub-batch; on CUDA OOM retry its halves (each padded to its own bucket)."""

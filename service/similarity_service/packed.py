@@ -1,0 +1,84 @@
+"""The unpadded ("packed") forward: every pair's tokens end to end in one [T, H] tensor, no padding.
+
+Length-sorted padded batches still spend matmul work on pad tokens and need a mask; packing spends
+none: every matmul runs on exactly the tokens there are, and attention is variable-length flash
+attention over cumulative sequence offsets (`cu_seqlens`). The last layer computes only each pair's
+[CLS] row (queries, output projection, FFN and LayerNorms), since nothing else is read.
+
+The attention kernel is PyTorch's `varlen_attn` (CUDA, fp16/bf16). `reference_varlen_attention` is
+the same function spelled with per-sequence SDPA, so the packing logic is tested on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from similarity_service.bert import BertSimilarity
+
+VarlenAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def cuda_varlen_attention() -> VarlenAttention | None:
+    """PyTorch's flash varlen attention, or None where this torch build lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn  # type: ignore[no-any-return]
+
+
+def reference_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int
+) -> torch.Tensor:
+    """Variable-length attention by one SDPA call per sequence ([T, heads, dim] layout). For the CPU and tests."""
+    del max_q, max_k  # sizes the CUDA kernel's grid; nothing to size here
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    out = torch.empty_like(q)
+    for i in range(len(starts_q) - 1):
+        qs, qe, ks, ke = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
+        if qe > qs:
+            out[qs:qe] = F.scaled_dot_product_attention(
+                q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1)
+            ).transpose(0, 1)
+    return out
+
+
+def packed_logits(
+    model: BertSimilarity,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cls_query_offsets: torch.Tensor,
+    max_len: int,
+    attention: VarlenAttention,
+) -> torch.Tensor:
+    """fp32 logits [N] for N packed sequences.
+
+    input_ids, token_type_ids, position_ids: [T] integer; cu_seqlens: [N + 1] int32, the offsets of each
+    sequence (its [CLS] token first); cls_query_offsets: [N + 1] int32 equal to arange(N + 1), the query
+    offsets of the last layer (one query, [CLS], per sequence; passed in so a CUDA graph can capture it);
+    max_len: an upper bound of any sequence's length.
+    """
+    x = model.embedding_norm(
+        model.word_embeddings(input_ids)
+        + model.position_embeddings(position_ids)
+        + model.token_type_embeddings(token_type_ids)
+    )
+    tokens, hidden = x.shape
+    last = len(model.layers) - 1
+    for index, layer in enumerate(model.layers):
+        q, k, v = layer.qkv(x).view(tokens, 3, layer.num_heads, hidden // layer.num_heads).unbind(1)
+        if index == last:
+            cls_rows = cu_seqlens[:-1].long()
+            x, q = x[cls_rows], q[cls_rows]
+            attended = attention(q, k, v, cls_query_offsets, cu_seqlens, 1, max_len)
+        else:
+            attended = attention(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+        x = layer.attention_norm(x + layer.attention_out(attended.reshape(x.shape[0], hidden)))
+        x = layer.ffn_norm(x + layer.ffn_out(F.gelu(layer.ffn_in(x), approximate=layer.gelu_approximate)))
+    pooled = torch.tanh(model.pooler(x))
+    return model.head(pooled.float()).squeeze(-1)

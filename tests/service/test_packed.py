@@ -1,0 +1,70 @@
+"""The packed (unpadded) forward computes what the padded one does; its packing and graph buckets hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from similarity_service.engine_api import EncodedPair
+from similarity_service.model import load_model, resolve_model
+from similarity_service.packed import packed_logits, reference_varlen_attention
+from similarity_service.packed_executor import GRAPH_SEQUENCE_BUCKETS, GRAPH_TOKEN_BUCKETS, graph_bucket, pack
+from similarity_service.tokenization import PairTokenizer
+
+
+def test_pack_concatenates_pairs_with_offsets_and_positions() -> None:
+    items = [EncodedPair([101, 7, 102], [0, 0, 0]), EncodedPair([101, 8, 9, 102, 5], [0, 0, 0, 1, 1])]
+    block, cu = pack(items)
+    assert cu.tolist() == [0, 3, 8]
+    assert block[0].tolist() == [101, 7, 102, 101, 8, 9, 102, 5]
+    assert block[1].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert block[2].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert block.dtype == np.int32 and cu.dtype == np.int32
+
+
+@pytest.mark.parametrize(("tokens", "sequences"), [(1, 1), (30, 1), (62, 1), (63, 1), (100, 3), (500, 17), (1900, 64)])
+def test_graph_bucket_holds_the_batch_and_its_dummy_sequences(tokens: int, sequences: int) -> None:
+    bucket = graph_bucket(tokens, sequences)
+    assert bucket is not None
+    token_bucket, seq_bucket = bucket
+    assert seq_bucket >= sequences
+    assert token_bucket >= tokens + (seq_bucket - sequences) + 1  # each dummy has a token, padding one more
+    assert token_bucket in GRAPH_TOKEN_BUCKETS and seq_bucket in GRAPH_SEQUENCE_BUCKETS
+
+
+@pytest.mark.parametrize(("tokens", "sequences"), [(GRAPH_TOKEN_BUCKETS[-1], 1), (100, GRAPH_SEQUENCE_BUCKETS[-1] + 1)])
+def test_graph_bucket_is_none_past_the_largest(tokens: int, sequences: int) -> None:
+    assert graph_bucket(tokens, sequences) is None
+
+
+def test_packed_forward_matches_padded_forward(tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]]) -> None:
+    module = load_model(resolve_model(tiny_model_dir)).module
+    items = PairTokenizer(tiny_model_dir, max_seq_len=128).encode(chinese_pairs)
+    lengths = [len(item.input_ids) for item in items]
+    padded = max(lengths)
+    ids = torch.zeros(len(items), padded, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros(len(items), padded, dtype=torch.bool)
+    for row, item in enumerate(items):
+        ids[row, : lengths[row]] = torch.tensor(item.input_ids)
+        types[row, : lengths[row]] = torch.tensor(item.token_type_ids)
+        mask[row, : lengths[row]] = True
+    block, cu = pack(items)
+    with torch.inference_mode():
+        expected = module(ids, types, mask)
+        got = packed_logits(
+            module,
+            torch.from_numpy(block[0]),
+            torch.from_numpy(block[1]),
+            torch.from_numpy(block[2]),
+            torch.from_numpy(cu),
+            torch.arange(len(items) + 1, dtype=torch.int32),
+            padded,
+            reference_varlen_attention,
+        )
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(torch.sigmoid(got), torch.sigmoid(expected), atol=1e-5, rtol=0)  # fp32 reduction order differs
+    assert len(set(np.round(torch.sigmoid(got).numpy(), 3))) > len(items) // 2  # not a constant output
