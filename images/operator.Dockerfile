@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The structsim operator image: `structsim operator` (kopf). No torch, no model: ~100 MB.
+# The structsim operator image: `structsim operator` (kopf). No torch, no model.
 # Build from the repository root:
 #   docker build -f images/operator.Dockerfile -t <registry>/structsim-operator:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm

@@ -5,7 +5,7 @@
 #
 # Base: python slim, not nvidia/cuda. PyPI's torch wheel (pinned in service.lock.txt) brings its own
 # CUDA 13.0 runtime, cuBLAS and cuDNN as nvidia-* wheels, so a CUDA base image would only add a
-# second, unused copy of those libraries (~3 GB). What the node must provide is the NVIDIA driver
+# second, unused copy of those libraries. What the node must provide is the NVIDIA driver
 # (>= 580 for CUDA 13.0), injected by the NVIDIA container toolkit with the device plugin's GPU.
 # For older drivers, see docs/kubernetes.md (rebuild against a CUDA 12.x torch build).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
@@ -38,6 +38,8 @@ COPY --from=build /opt/structsim /opt/structsim
 ENV PATH=/opt/structsim/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    # `structsim serve` listens on all interfaces in a container (its default is loopback).
+    STRUCTSIM_HOST=0.0.0.0 \
     # Model downloads (modelscope's snapshot_download) and structsim's own cache go to the volume.
     STRUCTSIM_CACHE_DIR=/models \
     MODELSCOPE_CACHE=/models \
@@ -55,7 +57,7 @@ RUN structsim --version \
 VOLUME ["/models"]
 USER 10001:10001
 WORKDIR /tmp
-# `structsim serve`'s port; the operator's Service maps spec.port (80) onto it.
+# `structsim serve`'s default port; the operator's pods pass --port and its Service maps spec.port onto it.
 EXPOSE 8000
 ENTRYPOINT ["structsim"]
-CMD ["serve", "--host", "0.0.0.0"]
+CMD ["serve"]

@@ -86,8 +86,8 @@ granted only in those namespaces.
 - apiGroups: ["apps"]
   resources: ["daemonsets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The children it owns: the ClusterIP Service in front of them, and the ConfigMaps holding tuned
-# profiles and serving config.
+# The children it owns: the ClusterIP Service in front of them, and one ConfigMap per GPU type
+# holding its tuned profile, which that type's serving pods mount.
 - apiGroups: [""]
   resources: ["services", "configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
