@@ -64,8 +64,8 @@ def resolve(requirements: list[str]) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--isolated", "--quiet", "--disable-pip-version-check", "--dry-run",
-             "--ignore-installed", "--report", str(report), *requirements],
+            [sys.executable, "-m", "pip", "install", "--isolated", "--quiet", "--disable-pip-version-check",
+             "--dry-run", "--ignore-installed", "--report", str(report), *requirements],
             check=True,
         )
         installs = json.loads(report.read_text())["install"]

@@ -35,7 +35,8 @@ class ServiceError(RuntimeError):
 
 
 class SimilarityClient:
-    """A minimal client of the service's JSON API (routes: docs/kubernetes.md; the service serves its own OpenAPI document)."""
+    """A minimal client of the service's JSON API (routes: docs/kubernetes.md; the service also
+    serves its own OpenAPI document)."""
 
     def __init__(self, base_url: str, timeout_s: float = 10.0, retries: int = 3, max_wait_s: float = 5.0) -> None:
         self.base_url = base_url.rstrip("/")

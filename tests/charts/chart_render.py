@@ -35,6 +35,10 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
     "operator": {
         "watchNamespaces": ["team-a", "team-b"],
         "logLevel": "debug",
+        "logFormat": "json",
+        "resyncIntervalSeconds": 2.5,
+        "tuneBackoffSeconds": 30,
+        "tuneBackoffMaxSeconds": 600,
         "livenessPort": 9090,
         "env": {"HTTPS_PROXY": "http://proxy.example.com:3128", "NO_PROXY": ".svc,10.0.0.0/8"},
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},

@@ -96,7 +96,9 @@ def _operator_container(objs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def test_default_operator_serves_all_namespaces(chart: Chart) -> None:
     container = _operator_container(render_objects(chart))
-    assert container["args"] == ["operator", "--liveness-port", "8080", "--log-level", "info", "--all-namespaces"]
+    assert container["args"] == [
+        "operator", "--liveness-port", "8080", "--log-level", "info", "--log-format", "plain", "--all-namespaces",
+    ]  # fmt: skip
     assert container["image"] == f"structsim-operator:{chart.metadata['appVersion']}"
 
 
@@ -106,7 +108,7 @@ def test_values_reach_the_operator_pod(chart: Chart) -> None:
     pod = deployment["spec"]["template"]["spec"]
     container = _operator_container(objs)
     assert container["args"] == [
-        "operator", "--liveness-port", "9090", "--log-level", "debug",
+        "operator", "--liveness-port", "9090", "--log-level", "debug", "--log-format", "json",
         "--namespace", "team-a", "--namespace", "team-b",
     ]  # fmt: skip
     assert container["image"] == "registry.example.com/platform/structsim-operator@sha256:" + "ab" * 32
@@ -161,9 +163,24 @@ def test_config_change_rolls_the_operator_pod(chart: Chart) -> None:
     assert checksum_a == _config_checksum(chart, {"HTTPS_PROXY": "http://a:3128"})[0]  # stable otherwise
     assert checksum_a == hashlib.sha256(text_a.encode()).hexdigest()
     configmap = yaml.safe_load(text_a)
-    assert configmap["data"] == {"HTTPS_PROXY": "http://a:3128"}
+    assert configmap["data"]["HTTPS_PROXY"] == "http://a:3128"
     container = _operator_container(render_objects(chart))
     assert container["envFrom"] == [{"configMapRef": {"name": configmap["metadata"]["name"]}}]
+
+
+def test_operator_settings_reach_its_environment(chart: Chart) -> None:
+    """`structsim operator` reads STRUCTSIM_OPERATOR_* as its flags' defaults; the chart sets them."""
+    data = the(render_objects(chart), "ConfigMap")["data"]
+    assert data == {
+        "STRUCTSIM_OPERATOR_RESYNC_INTERVAL": "15",
+        "STRUCTSIM_OPERATOR_TUNE_BACKOFF": "60",
+        "STRUCTSIM_OPERATOR_TUNE_BACKOFF_MAX": "3600",
+    }
+    data = the(render_objects(chart, NON_DEFAULT_VALUES), "ConfigMap")["data"]
+    assert data["STRUCTSIM_OPERATOR_RESYNC_INTERVAL"] == "2.5"
+    assert data["STRUCTSIM_OPERATOR_TUNE_BACKOFF"] == "30"
+    assert data["STRUCTSIM_OPERATOR_TUNE_BACKOFF_MAX"] == "600"
+    assert data["NO_PROXY"] == ".svc,10.0.0.0/8"
 
 
 def test_network_policy_allows_only_dns_and_the_api_server(chart: Chart) -> None:

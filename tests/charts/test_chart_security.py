@@ -65,7 +65,8 @@ def test_rbac_has_no_wildcards(chart: Chart, value_set: str) -> None:
 
 
 def _grants(objs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in _rules(objs) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    rules = _rules(objs)
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -81,9 +82,9 @@ def test_rbac_is_least_privilege(chart: Chart, value_set: str) -> None:
     assert not {v for g, r, v in grants if g == "structsim.io" and v in {"create", "delete", "update"}}
     assert ("structsim.io", "similarityservices/status", "patch") in grants
     # What the reconciler must do at all: watch GPU nodes and the resource, manage its children.
-    for needed in [("", "nodes", "watch"), ("structsim.io", "similarityservices", "watch"),
-                   ("apps", "daemonsets", "create"), ("batch", "jobs", "create"), ("", "services", "create")]:  # fmt: skip
-        assert needed in grants
+    needed = {("", "nodes", "watch"), ("structsim.io", "similarityservices", "watch"),
+              ("apps", "daemonsets", "create"), ("batch", "jobs", "create"), ("", "services", "create")}  # fmt: skip
+    assert needed <= grants
 
 
 def test_every_rbac_rule_says_why() -> None:
@@ -110,7 +111,9 @@ def test_namespaced_mode_grants_namespaced_rights_only_where_served(chart: Chart
     bindings = of_kind(objs, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for binding in bindings:
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "simop-operator"}
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "simop-operator"
+        }
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "simop-sa", "namespace": "structsim-system"}]
 
 

@@ -104,13 +104,16 @@ BROKEN_VALUES = {
     "invalid namespace name": ({"operator": {"watchNamespaces": ["Team_A"]}}, "/operator/watchNamespaces/0"),
     "env value not a string": ({"operator": {"env": {"RETRIES": 3}}}, "/operator/env/RETRIES"),
     "env name invalid": ({"operator": {"env": {"1BAD": "x"}}}, "invalid propertyName '1BAD'"),
+    "operator setting via env": ({"operator": {"env": {"STRUCTSIM_OPERATOR_TUNE_BACKOFF": "1"}}}, "invalid propertyName"),
+    "zero resync interval": ({"operator": {"resyncIntervalSeconds": 0}}, "/operator/resyncIntervalSeconds"),
+    "unknown log format": ({"operator": {"logFormat": "xml"}}, "/operator/logFormat"),
     "bad digest": ({"image": {"digest": "latest"}}, "/image/digest"),
     "bad pull policy": ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     "boolean as string": ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),
-    "unknown resource": ({"operator": {"resources": {"limits": {"gpu": 1}}}}, "additional properties 'gpu' not allowed"),
-    "bad quantity": ({"operator": {"resources": {"limits": {"memory": "lots"}}}}, "/operator/resources/limits/memory"),
-    "bad toleration effect": ({"operator": {"tolerations": [{"effect": "Sometimes"}]}}, "/operator/tolerations/0/effect"),
-    "bad pdb value": ({"podDisruptionBudget": {"enabled": True, "maxUnavailable": "half"}}, "/podDisruptionBudget/maxUnavailable"),
+    "unknown resource": ({"operator": {"resources": {"limits": {"gpu": 1}}}}, "properties 'gpu' not allowed"),
+    "bad quantity": ({"operator": {"resources": {"limits": {"memory": "lots"}}}}, "/resources/limits/memory"),
+    "bad toleration effect": ({"operator": {"tolerations": [{"effect": "Sometimes"}]}}, "/tolerations/0/effect"),
+    "bad pdb value": ({"podDisruptionBudget": {"maxUnavailable": "half"}}, "/podDisruptionBudget/maxUnavailable"),
 }
 
 
