@@ -56,7 +56,11 @@ def graph_bucket(tokens: int, sequences: int) -> tuple[int, int] | None:
 
 
 class PackedExecutor:
-    """Packed forwards of one model on one CUDA device. Not thread-safe: the engine serializes calls."""
+    """Packed forwards of one model on one device. Not thread-safe: the engine serializes calls.
+
+    Made for CUDA; on the CPU (with `reference_varlen_attention`, no graphs) it runs the same packing
+    code, which is how the tests check it.
+    """
 
     def __init__(
         self, model: BertSimilarity, device: torch.device, attention: VarlenAttention, *, compile_model: bool = False
@@ -72,12 +76,17 @@ class PackedExecutor:
         self._static = torch.zeros(3 * max_tokens + max_seqs + 1, dtype=torch.int32, device=device)
         self._cls_offsets = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self._pin = device.type == "cuda"
 
     def _call(self, block: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
-        return self._forward(
-            self._model, block[0], block[1], block[2], cu, self._cls_offsets[: cu.numel()], max_len, self._attention
-        )
+        sequences = cu.numel()
+        # Graphs read the static offsets; an eager batch may have more sequences than they hold.
+        if sequences <= self._cls_offsets.numel():
+            cls_offsets = self._cls_offsets[:sequences]
+        else:
+            cls_offsets = torch.arange(sequences, dtype=torch.int32, device=self._device)
+        return self._forward(self._model, block[0], block[1], block[2], cu, cls_offsets, max_len, self._attention)
 
     def _static_views(self, tokens: int, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
         max_tokens = GRAPH_TOKEN_BUCKETS[-1]
@@ -114,14 +123,14 @@ class PackedExecutor:
         """Start the forward of one batch; returns its fp32 logits [N] on the device (not yet synchronized)."""
         block_np, cu_np = pack(items)
         tokens, sequences = block_np.shape[1], len(items)
-        bucket = graph_bucket(tokens, sequences) if use_graphs else None
+        bucket = graph_bucket(tokens, sequences) if use_graphs and self._pool is not None else None
         if bucket is not None:
             return self._replay(block_np, cu_np, bucket)
-        host = torch.empty(3 * tokens + sequences + 1, dtype=torch.int32, pin_memory=True)
+        host = torch.empty(3 * tokens + sequences + 1, dtype=torch.int32, pin_memory=self._pin)
         host_np = host.numpy()
         host_np[: 3 * tokens] = block_np.reshape(-1)
         host_np[3 * tokens :] = cu_np
-        device_copy = host.to(self._device, non_blocking=True)
+        device_copy = host.to(self._device, non_blocking=self._pin)
         block = device_copy[: 3 * tokens].view(3, tokens)
         cu = device_copy[3 * tokens :]
         max_len = int(np.diff(cu_np).max())

@@ -68,3 +68,24 @@ def test_packed_forward_matches_padded_forward(tiny_model_dir: Path, chinese_pai
     assert got.dtype == torch.float32
     torch.testing.assert_close(torch.sigmoid(got), torch.sigmoid(expected), atol=1e-5, rtol=0)  # fp32 reduction order differs
     assert len(set(np.round(torch.sigmoid(got).numpy(), 3))) > len(items) // 2  # not a constant output
+
+
+def test_executor_packs_large_batches_like_the_padded_forward(
+    tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]]
+) -> None:
+    """More sequences than the graph buckets hold, through the executor's own packing (CPU, no graphs)."""
+    from similarity_service.packed_executor import PackedExecutor
+
+    loaded = load_model(resolve_model(tiny_model_dir))
+    items = PairTokenizer(tiny_model_dir, max_seq_len=128).encode(chinese_pairs * 2)
+    assert len(items) > GRAPH_SEQUENCE_BUCKETS[-1] + 1
+    executor = PackedExecutor(loaded.module, torch.device("cpu"), reference_varlen_attention)
+    with torch.inference_mode():
+        got = executor.launch(items, use_graphs=True)  # no graphs on the CPU: the eager path
+        expected = [loaded.module(*_padded([item])).item() for item in items]
+    torch.testing.assert_close(torch.sigmoid(got), torch.sigmoid(torch.tensor(expected)), atol=1e-5, rtol=0)
+
+
+def _padded(items: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([item.input_ids for item in items])
+    return ids, torch.tensor([item.token_type_ids for item in items]), torch.ones_like(ids, dtype=torch.bool)
