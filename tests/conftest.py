@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,6 +93,15 @@ CHINESE_PAIRS: list[tuple[str, str]] = [
     ("ＡＢＣ公司的股票涨了", "abc公司股价上涨"),
     ("Café 在哪里", "咖啡店在哪里"),
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_implicit_event_loop() -> None:
+    """looptime's plugin asks the event loop policy for a loop around every test. In a sync test
+    that call creates a loop nobody closes, whose ResourceWarning then fails the next async test
+    (warnings are errors). Marking the loop as explicitly unset makes the call raise instead, which
+    looptime expects ("a sync test with no loop set"); pytest-asyncio sets its own loops anyway."""
+    asyncio.set_event_loop(None)
 
 
 @pytest.fixture(scope="session")
