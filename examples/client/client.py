@@ -53,12 +53,13 @@ class SimilarityClient:
         body = {"pairs": [{"sentence1": a, "sentence2": b} for a, b in pairs]}
         return list(self._call("POST", "/v1/similarity/batch", body)["similarities"])
 
-    def rank(self, source: str, targets: list[str], top_k: int | None = None) -> dict[str, Any]:
-        """The targets sorted by similarity to `source`, best first."""
+    def rank(self, source: str, targets: list[str], top_k: int | None = None) -> list[dict[str, Any]]:
+        """The targets sorted by similarity to `source`, best first: `{"index", "sentence", "similarity"}`
+        each, `index` being the target's position in `targets`."""
         body: dict[str, Any] = {"source": source, "targets": targets}
         if top_k is not None:
             body["top_k"] = top_k
-        return self._call("POST", "/v1/rank", body)
+        return list(self._call("POST", "/v1/rank", body)["results"])
 
     def info(self) -> dict[str, Any]:
         """Model, precision, device and the tuned config the pod that answered is running."""
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         ])
         print("batch:", ", ".join(f"{s:.4f}" for s in scores))
         ranked = client.rank("我的订单什么时候发货", ["订单多久发货", "怎么申请退款", "发货时间是多久"], top_k=2)
-        print("rank:", json.dumps(ranked, ensure_ascii=False))
+        for result in ranked:
+            print(f"rank: {result['similarity']:.4f} {result['sentence']}")
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -225,7 +225,8 @@ class FakeService(BaseHTTPRequestHandler):
         elif self.path == "/v1/similarity/batch":
             self._send(200, {"similarities": [0.5] * len(body["pairs"])})
         elif self.path == "/v1/rank":
-            ranked = [{"sentence": t, "similarity": 0.5} for t in body["targets"]][: body.get("top_k")]
+            ranked = [{"index": i, "sentence": t, "similarity": 0.5} for i, t in enumerate(body["targets"])]
+            ranked = ranked[: body.get("top_k")]
             self._send(200, {"results": ranked})
         else:
             self._send(404, {"error": {"code": "not_found", "message": self.path}})
@@ -261,6 +262,7 @@ def test_python_client_calls_the_api(fake_service: tuple[str, type[FakeService]]
     assert result.returncode == 0, result.stderr
     assert "one pair: similarity=0.9100 (fp16)" in result.stdout
     assert "batch: 0.5000, 0.5000" in result.stdout
+    assert "rank: 0.5000 订单多久发货" in result.stdout
     posts = _posts(handler)
     assert len(posts["/v1/similarity"]) == 2  # refused once with 503 + Retry-After, then retried
     assert set(posts["/v1/similarity"][1]) == {"sentence1", "sentence2"}
