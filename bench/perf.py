@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,9 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def git_commit() -> str:
+    """The commit measured: $STRUCTSIM_COMMIT where the tree travelled without .git, else git's HEAD."""
+    if os.environ.get("STRUCTSIM_COMMIT"):
+        return os.environ["STRUCTSIM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()

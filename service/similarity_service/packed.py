@@ -5,6 +5,11 @@ none: every matmul runs on exactly the tokens there are, and attention is variab
 attention over cumulative sequence offsets (`cu_seqlens`). The last layer computes only each pair's
 [CLS] row (queries, output projection, FFN and LayerNorms), since nothing else is read.
 
+Precision: matmuls and attention run in the model's dtype (fp16/bf16), but the residual stream, the
+LayerNorms, the pooler and the head stay in fp32 (`PackedWeights`). Rounding the residual sum to fp16
+after every block is the main source of fp16's error against fp32; keeping it costs only elementwise
+bandwidth.
+
 The attention kernel is PyTorch's `varlen_attn` (CUDA, fp16/bf16). `reference_varlen_attention` is
 the same function spelled with per-sequence SDPA, so the packing logic is tested on the CPU.
 """
@@ -12,6 +17,7 @@ the same function spelled with per-sequence SDPA, so the packing logic is tested
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +52,44 @@ def reference_varlen_attention(
     return out
 
 
-def packed_logits(
-    model: BertSimilarity,
+@dataclass(frozen=True)
+class Norm:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """The model's weights as the packed forward uses them: matmuls in the model's dtype, the rest fp32."""
+
+    model: BertSimilarity
+    embedding_norm: Norm
+    attention_norms: list[Norm]
+    ffn_norms: list[Norm]
+    pooler_weight: torch.Tensor
+    pooler_bias: torch.Tensor
+
+    @classmethod
+    def of(cls, model: BertSimilarity) -> PackedWeights:
+        def fp32(norm: torch.nn.LayerNorm) -> Norm:
+            return Norm(norm.weight.float(), norm.bias.float(), norm.eps)
+
+        return cls(
+            model=model,
+            embedding_norm=fp32(model.embedding_norm),
+            attention_norms=[fp32(layer.attention_norm) for layer in model.layers],
+            ffn_norms=[fp32(layer.ffn_norm) for layer in model.layers],
+            pooler_weight=model.pooler.weight.float(),
+            pooler_bias=model.pooler.bias.float(),
+        )
+
+
+def packed_probabilities(
+    weights: PackedWeights,
     input_ids: torch.Tensor,
     token_type_ids: torch.Tensor,
     position_ids: torch.Tensor,
@@ -56,29 +98,32 @@ def packed_logits(
     max_len: int,
     attention: VarlenAttention,
 ) -> torch.Tensor:
-    """fp32 logits [N] for N packed sequences.
+    """P(similar) [N] in fp32 for N packed sequences.
 
     input_ids, token_type_ids, position_ids: [T] integer; cu_seqlens: [N + 1] int32, the offsets of each
     sequence (its [CLS] token first); cls_query_offsets: [N + 1] int32 equal to arange(N + 1), the query
     offsets of the last layer (one query, [CLS], per sequence; passed in so a CUDA graph can capture it);
     max_len: an upper bound of any sequence's length.
     """
-    x = model.embedding_norm(
-        model.word_embeddings(input_ids)
-        + model.position_embeddings(position_ids)
-        + model.token_type_embeddings(token_type_ids)
+    model = weights.model
+    dtype = model.word_embeddings.weight.dtype
+    x = weights.embedding_norm(
+        model.word_embeddings(input_ids).float()
+        + model.position_embeddings(position_ids).float()
+        + model.token_type_embeddings(token_type_ids).float()
     )
     tokens, hidden = x.shape
     last = len(model.layers) - 1
     for index, layer in enumerate(model.layers):
-        q, k, v = layer.qkv(x).view(tokens, 3, layer.num_heads, hidden // layer.num_heads).unbind(1)
+        q, k, v = layer.qkv(x.to(dtype)).view(tokens, 3, layer.num_heads, hidden // layer.num_heads).unbind(1)
         if index == last:
             cls_rows = cu_seqlens[:-1].long()
             x, q = x[cls_rows], q[cls_rows]
             attended = attention(q, k, v, cls_query_offsets, cu_seqlens, 1, max_len)
         else:
             attended = attention(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
-        x = layer.attention_norm(x + layer.attention_out(attended.reshape(x.shape[0], hidden)))
-        x = layer.ffn_norm(x + layer.ffn_out(F.gelu(layer.ffn_in(x), approximate=layer.gelu_approximate)))
-    pooled = torch.tanh(model.pooler(x))
-    return model.head(pooled.float()).squeeze(-1)
+        x = weights.attention_norms[index](x + layer.attention_out(attended.reshape(x.shape[0], hidden)).float())
+        inner = F.gelu(layer.ffn_in(x.to(dtype)), approximate=layer.gelu_approximate)
+        x = weights.ffn_norms[index](x + layer.ffn_out(inner).float())
+    pooled = torch.tanh(F.linear(x, weights.pooler_weight, weights.pooler_bias))
+    return torch.sigmoid(model.head(pooled).squeeze(-1))

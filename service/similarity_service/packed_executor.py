@@ -1,11 +1,13 @@
-"""Runs packed forwards on a CUDA device: host packing, one copy per batch, CUDA graphs for small batches.
+"""Runs packed forwards on a CUDA device: host packing, one copy per call, CUDA graphs for small batches.
 
-Small batches are launch-bound: BERT-base is ~100 kernels, each a few microseconds of work. For them
-the executor replays a CUDA graph captured per (token bucket, sequence bucket): the inputs are packed
-into a static device buffer and padded with dummy sequences (token 0, one token each, plus one that
-takes the rest), so every shape in a bucket runs the same graph. Bigger batches run the packed forward
-directly (their launches are amortized). All of it is asynchronous: results stay on the device until
-`collect`, so the host packs the next batch while the GPU runs this one.
+A call (a list of encoded pairs) is packed on the host once, copied to the device once, cut into
+sub-batches of at most `max_tokens` real tokens, launched back to back, and synchronized once.
+
+Small calls are launch-bound: BERT-base is ~150 kernels of a few microseconds each. For them the
+executor replays a CUDA graph captured per (token bucket, sequence bucket): the inputs go into a
+static device buffer, padded with dummy sequences (token 0, one token each, plus one that takes the
+rest), so every shape in a bucket runs the same graph; input and output go through persistent
+pinned buffers, so a one-pair call is one copy in, one replay, one copy out.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import torch
 
 from similarity_service.bert import BertSimilarity
 from similarity_service.engine_api import EncodedPair
-from similarity_service.packed import VarlenAttention, packed_logits
+from similarity_service.packed import PackedWeights, VarlenAttention, packed_probabilities
 
-# Graph buckets: total tokens (incl. dummies) and sequences (incl. dummies). Small batches only;
-# above these the launch overhead is a small share of the work.
+# Graph buckets: total tokens (incl. dummies) and sequences (incl. dummies). Small calls only; above
+# these the launch overhead is a small share of the work.
 GRAPH_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 GRAPH_SEQUENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+_MAX_GRAPH_TOKENS = GRAPH_TOKEN_BUCKETS[-1]
+_MAX_GRAPH_SEQUENCES = GRAPH_SEQUENCE_BUCKETS[-1] + 1  # the padding sequence
 
 PackedForward = Callable[..., torch.Tensor]
 
@@ -39,6 +43,19 @@ def pack(items: Sequence[EncodedPair]) -> tuple[np.ndarray, np.ndarray]:
     block[1] = np.fromiter(itertools.chain.from_iterable(item.token_type_ids for item in items), np.int32, total)
     block[2] = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1], lengths)
     return block, cu
+
+
+def split_by_tokens(cu: np.ndarray, max_tokens: int, max_pairs: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) ranges of sequences with at most max_tokens tokens (a longer single
+    sequence still gets its own range) and max_pairs sequences each."""
+    ranges, start, count = [], 0, len(cu) - 1
+    while start < count:
+        # the furthest end whose tokens fit, at least one sequence, at most max_pairs
+        end = int(np.searchsorted(cu, cu[start] + max_tokens, side="right")) - 1
+        end = min(max(end, start + 1), start + max_pairs, count)
+        ranges.append((start, end))
+        start = end
+    return ranges
 
 
 def graph_bucket(tokens: int, sequences: int) -> tuple[int, int] | None:
@@ -65,19 +82,37 @@ class PackedExecutor:
     def __init__(
         self, model: BertSimilarity, device: torch.device, attention: VarlenAttention, *, compile_model: bool = False
     ) -> None:
-        self._model = model
+        self._weights = PackedWeights.of(model)
         self._device = device
         self._attention = attention
-        self._forward: PackedForward = packed_logits
+        self._forward: PackedForward = packed_probabilities
         if compile_model:
-            self._forward = torch.compile(packed_logits, dynamic=True)  # type: ignore[assignment]
-        max_tokens, max_seqs = GRAPH_TOKEN_BUCKETS[-1], GRAPH_SEQUENCE_BUCKETS[-1] + 1
-        # Static device inputs the graphs read: ids | types | positions rows, then cu_seqlens.
-        self._static = torch.zeros(3 * max_tokens + max_seqs + 1, dtype=torch.int32, device=device)
-        self._cls_offsets = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)
+            self._forward = torch.compile(packed_probabilities, dynamic=True)
+        cuda = device.type == "cuda"
+        self._pin = cuda
+        # Graph inputs: static device buffer [ids | types | positions | cu_seqlens], mirrored by a
+        # persistent pinned host buffer; graph outputs land in a persistent pinned host buffer.
+        size = 3 * _MAX_GRAPH_TOKENS + _MAX_GRAPH_SEQUENCES + 1
+        self._static = torch.zeros(size, dtype=torch.int32, device=device)
+        self._host_in = torch.zeros(size, dtype=torch.int32, pin_memory=cuda)
+        self._host_out = torch.zeros(_MAX_GRAPH_SEQUENCES, dtype=torch.float32, pin_memory=cuda)
+        self._cls_offsets = torch.arange(_MAX_GRAPH_SEQUENCES + 1, dtype=torch.int32, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
-        self._pin = device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if cuda else None
+
+    def run(
+        self, items: Sequence[EncodedPair], *, max_tokens: int, max_pairs: int, use_graphs: bool = True
+    ) -> list[float]:
+        """P(similar) for each pair, in order. Raises torch.cuda.OutOfMemoryError as it comes (the engine
+        retries with a smaller `max_tokens`)."""
+        if not items:
+            return []
+        block, cu = pack(items)
+        bucket = graph_bucket(block.shape[1], len(items)) if use_graphs and self._pool is not None else None
+        with torch.inference_mode():
+            if bucket is not None and len(items) <= max_pairs and block.shape[1] <= max_tokens:
+                return self._replay(block, cu, bucket)
+            return self._run_eager(block, cu, max_tokens, max_pairs)
 
     def _call(self, block: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
         sequences = cu.numel()
@@ -86,12 +121,29 @@ class PackedExecutor:
             cls_offsets = self._cls_offsets[:sequences]
         else:
             cls_offsets = torch.arange(sequences, dtype=torch.int32, device=self._device)
-        return self._forward(self._model, block[0], block[1], block[2], cu, cls_offsets, max_len, self._attention)
+        return self._forward(self._weights, block[0], block[1], block[2], cu, cls_offsets, max_len, self._attention)
+
+    def _run_eager(self, block: np.ndarray, cu: np.ndarray, max_tokens: int, max_pairs: int) -> list[float]:
+        ranges = split_by_tokens(cu, max_tokens, max_pairs)
+        sub_offsets = [cu[start : end + 1] - cu[start] for start, end in ranges]
+        tokens = block.shape[1]
+        host = torch.empty(3 * tokens + sum(len(o) for o in sub_offsets), dtype=torch.int32, pin_memory=self._pin)
+        host_np = host.numpy()
+        host_np[: 3 * tokens] = block.reshape(-1)
+        host_np[3 * tokens :] = np.concatenate(sub_offsets)
+        on_device = host.to(self._device, non_blocking=self._pin)
+        rows = on_device[: 3 * tokens].view(3, tokens)
+        outputs, offset = [], 3 * tokens
+        for (start, end), offsets in zip(ranges, sub_offsets, strict=True):
+            sub_cu = on_device[offset : offset + len(offsets)]
+            offset += len(offsets)
+            max_len = int(np.diff(offsets).max())
+            outputs.append(self._call(rows[:, cu[start] : cu[end]], sub_cu, max_len))
+        return torch.cat(outputs).cpu().tolist()
 
     def _static_views(self, tokens: int, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-        max_tokens = GRAPH_TOKEN_BUCKETS[-1]
-        block = self._static[: 3 * max_tokens].view(3, max_tokens)[:, :tokens]
-        cu = self._static[3 * max_tokens : 3 * max_tokens + sequences + 2]
+        block = self._static[: 3 * _MAX_GRAPH_TOKENS].view(3, _MAX_GRAPH_TOKENS)[:, :tokens]
+        cu = self._static[3 * _MAX_GRAPH_TOKENS : 3 * _MAX_GRAPH_TOKENS + sequences + 2]
         return block, cu
 
     def capture(self, tokens: int, sequences: int) -> None:
@@ -99,7 +151,7 @@ class PackedExecutor:
         if (tokens, sequences) in self._graphs:
             return
         block, cu = self._static_views(tokens, sequences)
-        # A valid packing to capture with: one real 1-token sequence per slot, the padding in the last.
+        # A valid packing to capture with: one 1-token sequence per slot, the padding in the last.
         cu.copy_(torch.tensor([*range(sequences + 1), tokens], dtype=torch.int32))
         side = torch.cuda.Stream(self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
@@ -119,40 +171,23 @@ class PackedExecutor:
                 if tokens >= sequences + 2:
                     self.capture(tokens, sequences)
 
-    def launch(self, items: Sequence[EncodedPair], *, use_graphs: bool = True) -> torch.Tensor:
-        """Start the forward of one batch; returns its fp32 logits [N] on the device (not yet synchronized)."""
-        block_np, cu_np = pack(items)
-        tokens, sequences = block_np.shape[1], len(items)
-        bucket = graph_bucket(tokens, sequences) if use_graphs and self._pool is not None else None
-        if bucket is not None:
-            return self._replay(block_np, cu_np, bucket)
-        host = torch.empty(3 * tokens + sequences + 1, dtype=torch.int32, pin_memory=self._pin)
-        host_np = host.numpy()
-        host_np[: 3 * tokens] = block_np.reshape(-1)
-        host_np[3 * tokens :] = cu_np
-        device_copy = host.to(self._device, non_blocking=self._pin)
-        block = device_copy[: 3 * tokens].view(3, tokens)
-        cu = device_copy[3 * tokens :]
-        max_len = int(np.diff(cu_np).max())
-        with torch.inference_mode():
-            return self._call(block, cu, max_len)
-
-    def _replay(self, block_np: np.ndarray, cu_np: np.ndarray, bucket: tuple[int, int]) -> torch.Tensor:
+    def _replay(self, block: np.ndarray, cu: np.ndarray, bucket: tuple[int, int]) -> list[float]:
         token_bucket, seq_bucket = bucket
         if bucket not in self._graphs:
             self.capture(token_bucket, seq_bucket)
         graph, output = self._graphs[bucket]
-        tokens, sequences = block_np.shape[1], len(cu_np) - 1
-        max_tokens = GRAPH_TOKEN_BUCKETS[-1]
-        host = torch.zeros(3 * max_tokens + GRAPH_SEQUENCE_BUCKETS[-1] + 2, dtype=torch.int32, pin_memory=True)
-        host_np = host.numpy()
-        rows = host_np[: 3 * max_tokens].reshape(3, max_tokens)
-        rows[:, :tokens] = block_np  # padding tokens stay id 0, type 0, position 0
-        cu = host_np[3 * max_tokens : 3 * max_tokens + seq_bucket + 2]
-        cu[: sequences + 1] = cu_np
+        tokens, sequences = block.shape[1], len(cu) - 1
+        host = self._host_in.numpy()
+        rows = host[: 3 * _MAX_GRAPH_TOKENS].reshape(3, _MAX_GRAPH_TOKENS)
+        rows[:, :tokens] = block
+        rows[:, tokens:token_bucket] = 0  # padding: id 0, type 0, position 0
+        offsets = host[3 * _MAX_GRAPH_TOKENS : 3 * _MAX_GRAPH_TOKENS + seq_bucket + 2]
+        offsets[: sequences + 1] = cu
         dummies = seq_bucket - sequences  # one token each, then one sequence with the rest
-        cu[sequences + 1 : seq_bucket + 1] = tokens + np.arange(1, dummies + 1, dtype=np.int32)
-        cu[seq_bucket + 1] = token_bucket
-        self._static.copy_(host, non_blocking=True)
+        offsets[sequences + 1 : seq_bucket + 1] = tokens + np.arange(1, dummies + 1, dtype=np.int32)
+        offsets[seq_bucket + 1] = token_bucket
+        self._static.copy_(self._host_in, non_blocking=True)
         graph.replay()
-        return output[:sequences].clone()
+        self._host_out[:sequences].copy_(output[:sequences], non_blocking=True)
+        torch.cuda.current_stream(self._device).synchronize()
+        return self._host_out[:sequences].tolist()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -38,12 +39,17 @@ from similarity_service.tokenization import SPECIAL_TOKENS_PER_PAIR, PairTokeniz
 # Padded tokens per forward. At BERT-base size this bounds activation memory to a few hundred MB in
 # fp16 while still feeding a GPU fully (e.g. 64 pairs of 512 tokens, or 256 pairs of 128).
 DEFAULT_MAX_BATCH_TOKENS = 32_768
+DEFAULT_MAX_BATCH_SIZE = 256
+# `score` tokenizes long inputs in chunks of this many pairs, overlapped with scoring.
+SCORE_CHUNK_PAIRS = 2_048
 # Sub-batches are padded up to a multiple of this many tokens: few distinct shapes (each warmed up
 # once), little padding (at most bucket_multiple - 1 tokens a pair), and Tensor Core-friendly sizes.
 DEFAULT_BUCKET_MULTIPLE = 16
-# Real tokens per packed forward (CUDA fp16/bf16). Measured on an H100 (bench/kernels_probe.py):
-# throughput is flat from 32k to 64k tokens, and 64k tokens of BERT-base activations fit in ~0.5 GB.
+# Real tokens and pairs per packed forward (CUDA fp16/bf16). Measured on an H100
+# (bench/kernels_probe.py): throughput rises up to ~64k tokens per forward, whose BERT-base
+# activations fit in ~0.5 GB; without padding, more pairs per forward cost nothing extra.
 DEFAULT_MAX_PACKED_TOKENS = 65_536
+DEFAULT_MAX_PACKED_PAIRS = 4_096
 # Precisions the flash varlen kernel takes.
 PACKED_PRECISIONS = ("fp16", "bf16")
 
@@ -130,8 +136,8 @@ class Engine:
         precision: str = "auto",
         device: str = "auto",
         max_seq_len: int = 512,
-        max_batch_size: int = 256,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
         bucket_multiple: int = DEFAULT_BUCKET_MULTIPLE,
         packed: bool = True,
         cuda_graphs: bool = True,
@@ -144,7 +150,8 @@ class Engine:
 
         `packed`, `cuda_graphs` and `compile_model` choose the CUDA fp16/bf16 fast path's levers (they do
         nothing elsewhere): packed varlen forwards, CUDA graphs for small batches, torch.compile (slower
-        start, faster forwards). `max_batch_tokens` counts real tokens on the packed path.
+        start, faster forwards). `max_batch_size` (pairs) and `max_batch_tokens` bound one forward; their
+        defaults depend on the path (padded: 256 pairs, 32k padded tokens; packed: 4096 pairs, 64k real tokens).
         """
         torch_device = resolve_device(device)
         facts = describe_device(torch_device)
@@ -179,8 +186,11 @@ class Engine:
         attention = cuda_varlen_attention()
         if packed and torch_device.type == "cuda" and chosen in PACKED_PRECISIONS and attention is not None:
             executor = PackedExecutor(module, torch_device, attention, compile_model=compile_model)
-            if max_batch_tokens == DEFAULT_MAX_BATCH_TOKENS:
-                max_batch_tokens = DEFAULT_MAX_PACKED_TOKENS
+        packed_path = executor is not None
+        if max_batch_size is None:
+            max_batch_size = DEFAULT_MAX_PACKED_PAIRS if packed_path else DEFAULT_MAX_BATCH_SIZE
+        if max_batch_tokens is None:
+            max_batch_tokens = DEFAULT_MAX_PACKED_TOKENS if packed_path else DEFAULT_MAX_BATCH_TOKENS
         return cls(
             module=module,
             tokenizer=tokenizer,
@@ -202,8 +212,19 @@ class Engine:
         return self._tokenizer.encode(pairs)
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        """P(similar) for each (sentence1, sentence2) pair, in order."""
-        return self.score_encoded(self.encode(pairs))
+        """P(similar) for each (sentence1, sentence2) pair, in order.
+
+        A long list is tokenized chunk by chunk in a helper thread while the device scores the chunks
+        before it (the Rust tokenizer releases the GIL), so tokenizing costs little wall time.
+        """
+        if len(pairs) <= SCORE_CHUNK_PAIRS:
+            return self.score_encoded(self.encode(pairs))
+        chunks = [pairs[start : start + SCORE_CHUNK_PAIRS] for start in range(0, len(pairs), SCORE_CHUNK_PAIRS)]
+        scores: list[float] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="structsim-tokenize") as tokenizer_thread:
+            for encoded in tokenizer_thread.map(self.encode, chunks):
+                scores += self.score_encoded(encoded)
+        return scores
 
     def score_encoded(self, batch: Sequence[EncodedPair]) -> list[float]:
         """P(similar) for each encoded pair, in the order given; any number of pairs."""
@@ -238,46 +259,38 @@ class Engine:
                     self._packed.capture_all()
                 for length in (8, 64, self._info.max_seq_len):  # the eager path's first calls
                     ids = [cls_id] + [sep_id] * (length - 1)
-                    self._packed.launch([EncodedPair(ids, [0] * length)] * 80, use_graphs=False)
-                torch.cuda.synchronize(self._device)
+                    self._packed.run(
+                        [EncodedPair(ids, [0] * length)] * 80,
+                        max_tokens=self.max_batch_tokens,
+                        max_pairs=self.max_batch_size,
+                        use_graphs=False,
+                    )
             return
         for length in self.buckets:
             ids = [cls_id] + [sep_id] * (length - 1)
             self._score_splitting([EncodedPair(ids, [0] * length)], length)
 
     def _score_packed(self, batch: Sequence[EncodedPair]) -> list[float]:
-        """Cut by real tokens and pairs in the given order (packing needs no sorting), launch every
-        sub-batch back to back, and synchronize once."""
-        outputs: list[torch.Tensor] = []
-        start = 0
         with self._lock:
-            while start < len(batch):
-                end, tokens = start, 0
-                while end < len(batch) and end - start < self.max_batch_size:
-                    tokens += len(batch[end].input_ids)
-                    if end > start and tokens > self.max_batch_tokens:
-                        break
-                    end += 1
-                outputs += self._launch_splitting(list(batch[start:end]))
-                start = end
-            if not outputs:
-                return []
-            return torch.sigmoid(torch.cat(outputs)).cpu().tolist()
+            return self._run_packed(list(batch), self.max_batch_tokens)
 
-    def _launch_splitting(self, items: list[EncodedPair]) -> list[torch.Tensor]:
-        """Launch one packed sub-batch; on CUDA OOM retry its halves. Caller holds the lock."""
+    def _run_packed(self, items: list[EncodedPair], max_tokens: int) -> list[float]:
+        """One packed call; on CUDA OOM empty the cache and retry with half the tokens per forward."""
         assert self._packed is not None
         try:
-            return [self._packed.launch(items, use_graphs=self.cuda_graphs)]
+            return self._packed.run(
+                items, max_tokens=max_tokens, max_pairs=self.max_batch_size, use_graphs=self.cuda_graphs
+            )
         except torch.cuda.OutOfMemoryError:
-            if len(items) == 1:
+            longest = max(len(item.input_ids) for item in items)
+            if max_tokens <= longest:  # the forward that failed held the longest pair alone
                 raise EngineOOMError(
                     f"out of GPU memory on {self._info.device_name} ({self._info.device}) scoring a single pair "
-                    f"of {len(items[0].input_ids)} tokens in {self._info.precision}; free GPU memory or lower max_seq_len"
+                    f"of {longest} tokens in {self._info.precision}; free GPU memory or lower max_seq_len"
                 ) from None
+        # Retried outside the except block, so the failed attempt's tensors (held by its traceback) are freed.
         torch.cuda.empty_cache()
-        half = len(items) // 2
-        return self._launch_splitting(items[:half]) + self._launch_splitting(items[half:])
+        return self._run_packed(items, max_tokens // 2)
 
     def _score_splitting(self, items: list[EncodedPair], padded: int) -> list[float]:
         """Forward one sub-batch; on CUDA OOM retry its halves (each padded to its own bucket)."""

@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from similarity_service.engine_api import EncodedPair
+from similarity_service.runner import Engine
 from similarity_service.model import load_model, resolve_model
-from similarity_service.packed import packed_logits, reference_varlen_attention
-from similarity_service.packed_executor import GRAPH_SEQUENCE_BUCKETS, GRAPH_TOKEN_BUCKETS, graph_bucket, pack
+from similarity_service.packed import PackedWeights, packed_probabilities, reference_varlen_attention
+from similarity_service.packed_executor import (
+    GRAPH_SEQUENCE_BUCKETS,
+    GRAPH_TOKEN_BUCKETS,
+    graph_bucket,
+    pack,
+    split_by_tokens,
+)
 from similarity_service.tokenization import PairTokenizer
 
 
@@ -23,6 +30,17 @@ def test_pack_concatenates_pairs_with_offsets_and_positions() -> None:
     assert block[1].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
     assert block[2].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
     assert block.dtype == np.int32 and cu.dtype == np.int32
+
+
+@pytest.mark.parametrize(("max_tokens", "max_pairs"), [(10, 100), (7, 100), (1, 100), (100, 2), (1000, 1000)])
+def test_split_by_tokens_covers_every_sequence_once_within_budgets(max_tokens: int, max_pairs: int) -> None:
+    lengths = [3, 4, 8, 2, 2, 2, 9, 1]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    ranges = split_by_tokens(cu, max_tokens, max_pairs)
+    assert [i for start, end in ranges for i in range(start, end)] == list(range(len(lengths)))
+    for start, end in ranges:
+        assert end - start <= max_pairs
+        assert end - start == 1 or sum(lengths[start:end]) <= max_tokens
 
 
 @pytest.mark.parametrize(("tokens", "sequences"), [(1, 1), (30, 1), (62, 1), (63, 1), (100, 3), (500, 17), (1900, 64)])
@@ -55,8 +73,8 @@ def test_packed_forward_matches_padded_forward(tiny_model_dir: Path, chinese_pai
     block, cu = pack(items)
     with torch.inference_mode():
         expected = module(ids, types, mask)
-        got = packed_logits(
-            module,
+        got = packed_probabilities(
+            PackedWeights.of(module),
             torch.from_numpy(block[0]),
             torch.from_numpy(block[1]),
             torch.from_numpy(block[2]),
@@ -66,8 +84,8 @@ def test_packed_forward_matches_padded_forward(tiny_model_dir: Path, chinese_pai
             reference_varlen_attention,
         )
     assert got.dtype == torch.float32
-    torch.testing.assert_close(torch.sigmoid(got), torch.sigmoid(expected), atol=1e-5, rtol=0)  # fp32 reduction order differs
-    assert len(set(np.round(torch.sigmoid(got).numpy(), 3))) > len(items) // 2  # not a constant output
+    torch.testing.assert_close(got, torch.sigmoid(expected), atol=1e-5, rtol=0)  # fp32 reduction order differs
+    assert len(set(np.round(got.numpy(), 3))) > len(items) // 2  # not a constant output
 
 
 def test_executor_packs_large_batches_like_the_padded_forward(
@@ -80,12 +98,25 @@ def test_executor_packs_large_batches_like_the_padded_forward(
     items = PairTokenizer(tiny_model_dir, max_seq_len=128).encode(chinese_pairs * 2)
     assert len(items) > GRAPH_SEQUENCE_BUCKETS[-1] + 1
     executor = PackedExecutor(loaded.module, torch.device("cpu"), reference_varlen_attention)
+    # no graphs on the CPU: the eager path, cut into several forwards by the token budget
+    got = executor.run(items, max_tokens=300, max_pairs=50, use_graphs=True)
     with torch.inference_mode():
-        got = executor.launch(items, use_graphs=True)  # no graphs on the CPU: the eager path
-        expected = [loaded.module(*_padded([item])).item() for item in items]
-    torch.testing.assert_close(torch.sigmoid(got), torch.sigmoid(torch.tensor(expected)), atol=1e-5, rtol=0)
+        expected = [torch.sigmoid(loaded.module(*_padded([item]))).item() for item in items]
+    assert len(split_by_tokens(pack(items)[1], 300, 50)) > 2
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
 
 
 def _padded(items: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids = torch.tensor([item.input_ids for item in items])
     return ids, torch.tensor([item.token_type_ids for item in items]), torch.ones_like(ids, dtype=torch.bool)
+
+
+def test_score_tokenizes_long_lists_in_chunks_and_keeps_their_order(
+    tiny_engine: Engine, chinese_pairs: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from similarity_service import runner
+
+    pairs = chinese_pairs * 2
+    expected = tiny_engine.score_encoded(tiny_engine.encode(pairs))
+    monkeypatch.setattr(runner, "SCORE_CHUNK_PAIRS", 7)
+    assert tiny_engine.score(pairs) == expected
