@@ -120,4 +120,4 @@ def test_score_tokenizes_long_lists_in_chunks_and_keeps_their_order(
     expected = tiny_engine.score_encoded(tiny_engine.encode(pairs))
     monkeypatch.setattr(runner, "SCORE_CHUNK_PAIRS", 7)
     # same scores in the same order; batch composition moves fp32 results by rounding only
-    assert tiny_engine.score(pairs) == pytest.approx(expected, abs=1e-6)
+    assert tiny_engine.score(pairs) == pytest.approx(expected, abs=1e-5)
