@@ -192,8 +192,7 @@ class BertSimilarity(nn.Module):
         bias = state["classifier.bias"].double()
         mapped["head.weight"] = (weight[positive_label] - weight[other]).float().unsqueeze(0)
         mapped["head.bias"] = (bias[positive_label] - bias[other]).float().unsqueeze(0)
-        with torch.device("meta"):  # no time spent initializing weights that are replaced at once
-            model = cls(config)
+        model = cls(config)
         model.load_state_dict(
             {name: tensor.float().contiguous() for name, tensor in mapped.items()}, strict=True, assign=True
         )

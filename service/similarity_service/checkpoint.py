@@ -110,9 +110,10 @@ def build_vocab() -> list[str]:
     """
     tokens = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokens += list(string.punctuation + string.digits + string.ascii_lowercase)
-    tokens += list("·×÷°±§¥£€©®™‰′″※–—‘’“”…‖→←↑↓①②③④⑤⑥⑦⑧⑨⑩■□▲△●○◆◇★☆")
+    tokens += list("·×÷°±§¥£€©®™‰′″※–—‘’“”…‖→←↑↓①②③④⑤⑥⑦⑧⑨⑩■□▲△●○◆◇★☆²³")
     tokens += [chr(c) for c in (*range(0x3001, 0x3012), *range(0x3014, 0x301C))]  # 、。〃〄々〆〇〈〉《》「」『』【】〔〕…
-    tokens += [chr(c) for c in range(0xFF01, 0xFF5F) if not 0xFF21 <= c <= 0xFF3A]  # full-width, lowercased
+    full_width = [chr(c) for c in range(0xFF01, 0xFF5F) if not 0xFF21 <= c <= 0xFF3A]  # upper case is lowercased
+    tokens += full_width
     hanzi = _gb2312_hanzi()
     seen = set(tokens) | set(hanzi)
     for char in _big5_hanzi():
@@ -120,8 +121,9 @@ def build_vocab() -> list[str]:
             seen.add(char)
             hanzi.append(char)
     tokens += hanzi
-    continuations = [f"##{c}" for c in string.digits + string.ascii_lowercase] + [f"##{c}" for c in hanzi]
-    tokens += continuations[: VOCAB_SIZE - len(tokens)]
+    # Continuations let words of letters and digits (ASCII or full-width: "iphone", "ｖｉｐ") split into pieces.
+    pieces = [*string.digits, *string.ascii_lowercase, "²", "³", *full_width, *hanzi]
+    tokens += [f"##{piece}" for piece in pieces][: VOCAB_SIZE - len(tokens)]
     assert len(tokens) == VOCAB_SIZE and len(set(tokens)) == VOCAB_SIZE
     return tokens
 
@@ -243,15 +245,19 @@ def calibrate_head(state: dict[str, torch.Tensor], config: dict[str, Any], token
 
 
 def _pooled_outputs(model: BertSimilarity, tokenizer: PairTokenizer, pairs: list[tuple[str, str]]) -> torch.Tensor:
-    """The tanh pooler's output for each pair, one pair at a time (no padding), fp32 on the CPU."""
-    outputs = []
+    """The tanh pooler's output for each pair: one padded fp32 CPU batch (one call: fast even on a busy CPU)."""
+    encoded = tokenizer.encode(pairs)
+    length = max(len(item.input_ids) for item in encoded)
+    ids = torch.zeros((len(encoded), length), dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row, item in enumerate(encoded):
+        count = len(item.input_ids)
+        ids[row, :count] = torch.tensor(item.input_ids)
+        types[row, :count] = torch.tensor(item.token_type_ids)
+        mask[row, :count] = True
     with torch.inference_mode():
-        for encoded in tokenizer.encode(pairs):
-            ids = torch.tensor([encoded.input_ids])
-            types = torch.tensor([encoded.token_type_ids])
-            mask = torch.ones_like(ids, dtype=torch.bool)
-            outputs.append(model.pooled(ids, types, mask)[0])
-    return torch.stack(outputs)
+        return model.pooled(ids, types, mask)
 
 
 def _round(tensor: torch.Tensor) -> torch.Tensor:

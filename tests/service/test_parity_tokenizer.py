@@ -1,0 +1,83 @@
+"""The Rust pair tokenizer gives exactly the ids of transformers' slow BertTokenizer (ModelScope's
+`sen-sim-tokenizer` uses it for StructBERT), truncation included."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from similarity_service.corpus import load_corpus
+from similarity_service.tokenization import PairTokenizer, truncate_longest_first
+
+if TYPE_CHECKING:  # transformers is slow to import: only the fixture that needs it imports it
+    from transformers import BertTokenizer
+
+# Inputs where tokenizers differ if anything does: specials typed in text, accents, full-width forms,
+# control and zero-width characters, an empty side, an over-long word, emoji and CJK Extension B.
+EDGE_PAIRS = [
+    ("你好[SEP]吗", "[sep][CLS] [PAD]x"),
+    ("Café ÀÉÎ naïve", "ＡＢＣ１２３！"),
+    ("\u200b零宽\u0000控制\x07字符\ufffd", "tab\t换行\n回车\r"),
+    ("", "只有第二句"),
+    ("a" * 150, "supercalifragilistic iPhone15"),
+    ("emoji😀表情🎉", "𠀀扩展B"),
+    ("   ", "x"),
+    # Balanced cuts of odd size: the slow tokenizer keeps one more token of the first sentence.
+    ("一二三四五六七八九十", "甲乙丙丁戊己庚辛壬癸"),
+    ("一二三四五六七八九十", "甲乙丙丁戊己庚辛壬癸子"),
+    ("一二三四五六七八九十子", "甲乙丙丁戊己庚辛壬癸"),
+]
+
+
+@pytest.fixture(scope="module")
+def slow_tokenizer(tiny_model_dir: Path) -> BertTokenizer:
+    from transformers import BertTokenizer
+
+    # It warns (through logging) that overflowing tokens are not returned for pairs; irrelevant here.
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+    return BertTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("max_seq_len", [512, 64, 33, 18, 9, 3])
+def test_ids_and_type_ids_equal_the_slow_bert_tokenizer(
+    slow_tokenizer: BertTokenizer, tiny_model_dir: Path, max_seq_len: int
+) -> None:
+    pairs = [pair.pair for pair in load_corpus()][::4] + EDGE_PAIRS
+    ours = PairTokenizer(tiny_model_dir, max_seq_len=max_seq_len).encode(pairs)
+    truncated = 0
+    for (first, second), encoded in zip(pairs, ours, strict=True):
+        expected = slow_tokenizer(first, second, truncation="longest_first", max_length=max_seq_len)
+        assert encoded.input_ids == expected["input_ids"], (first, second)
+        assert encoded.token_type_ids == expected["token_type_ids"], (first, second)
+        truncated += len(encoded.input_ids) == max_seq_len
+    assert truncated > 0  # every setting exercises truncation (512: the corpus's long passages)
+
+
+def test_balanced_odd_cut_keeps_the_extra_token_in_the_first_sentence(tiny_model_dir: Path) -> None:
+    encoded = PairTokenizer(tiny_model_dir, max_seq_len=18).encode([EDGE_PAIRS[-3]])[0]
+    assert encoded.token_type_ids.count(0) - 2 == 8  # [CLS] + 8 + [SEP]
+    assert encoded.token_type_ids.count(1) - 1 == 7  # 7 + [SEP]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "budget", "kept"),
+    [
+        ((5, 3), 10, (5, 3)),
+        ((10, 2), 8, (6, 2)),
+        ((2, 10), 8, (2, 6)),
+        ((10, 10), 15, (8, 7)),
+        ((11, 10), 15, (8, 7)),
+        ((10, 11), 15, (8, 7)),
+        ((7, 0), 3, (3, 0)),
+    ],
+)
+def test_truncate_longest_first(lengths: tuple[int, int], budget: int, kept: tuple[int, int]) -> None:
+    assert truncate_longest_first(*lengths, budget) == kept
+
+
+def test_max_seq_len_below_the_special_tokens_is_refused(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="at least 3"):
+        PairTokenizer(tiny_model_dir, max_seq_len=2)
