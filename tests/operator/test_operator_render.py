@@ -1,0 +1,255 @@
+"""render.py and gpus.py, purely: names, the serving and tuning contracts, and manifests that a
+Kubernetes schema accepts."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from kube_harness import MODEL
+from similarity_operator import gpus, render
+from similarity_operator.spec import fingerprint, parse_profile, parse_spec
+
+OWNER = render.Owner(name="sim", namespace="team-a", uid="0f6c5f4e-1111-2222-3333-444455556666")
+SPEC: dict[str, Any] = {"model": {"id": MODEL}, "image": "registry.example.com/structsim:0.1.0"}
+H100 = gpus.Product(
+    hardware="NVIDIA-H100-80GB-HBM3",
+    labels=("NVIDIA-H100-80GB-HBM3",),
+    nodes={"NVIDIA-H100-80GB-HBM3": 2},
+    compute_capability="9.0",
+)
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def container(manifest: dict[str, Any]) -> dict[str, Any]:
+    return manifest["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_names_are_deterministic_dns_labels() -> None:
+    assert render.daemonset_name(OWNER, "NVIDIA-H100-80GB-HBM3") == "sim-nvidia-h100-80gb-hbm3"
+    assert render.configmap_name(OWNER, "Tesla-T4") == "sim-profile-tesla-t4"
+    assert render.job_name(OWNER, "Tesla-T4", "0123456789abcdef", 2) == "sim-tune-tesla-t4-01234567-2"
+    assert render.service_name(OWNER) == "sim"
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("a" * 60, "NVIDIA-H100-80GB-HBM3"),  # too long
+        ("sim", "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb"),  # a dot is not allowed: rewritten, so hashed
+        ("my.service", "Tesla-T4"),
+        ("x" * 253,),
+    ],
+)
+def test_long_or_rewritten_names_get_a_hash(parts: tuple[str, ...]) -> None:
+    name = render.child_name(*parts)
+    assert DNS_LABEL.match(name) and len(name) <= 63
+    assert re.search(r"-[0-9a-f]{8}$", name)
+    assert name == render.child_name(*parts)  # deterministic
+    # Rewriting must not merge different products: "1g.5gb" and "1g-5gb" stay apart.
+    assert render.child_name("sim", "MIG-1g.5gb") != render.child_name("sim", "MIG-1g-5gb")
+
+
+def test_a_service_name_starts_with_a_letter() -> None:
+    name = render.service_name(render.Owner("1st-sim", "ns", "u"))
+    assert re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", name) and len(name) <= 63
+    assert render.endpoint(render.Owner("1st-sim", "ns", "u"), 8080) == f"http://{name}.ns.svc:8080"
+
+
+def test_the_serving_container_follows_the_contract() -> None:
+    spec = parse_spec(
+        {
+            **SPEC,
+            "gpusPerPod": 2,
+            "model": {"id": MODEL, "revision": "v1.0.1", "cache": {"pvc": "models"}},
+            "nodeSelector": {"pool": "inference"},
+            "imagePullPolicy": "Always",
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        }
+    )
+    config = render.serving(spec, H100, None, None)
+    ds = render.render_daemonset(OWNER, spec, "NVIDIA-H100-80GB-HBM3", config, "sim-profile-nvidia-h100-80gb-hbm3")
+    c = container(ds)
+    assert c["command"] == ["structsim"]
+    assert c["args"] == [
+        "serve",
+        "--model",
+        MODEL,
+        "--revision",
+        "v1.0.1",
+        "--precision",
+        "fp16",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+    ]
+    assert {"name": "STRUCTSIM_CACHE_DIR", "value": "/models"} in c["env"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "2"}}
+    assert c["imagePullPolicy"] == "Always"
+    assert c["securityContext"] == {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    pod = ds["spec"]["template"]["spec"]
+    assert (
+        pod["securityContext"]["runAsNonRoot"] is True
+        and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    assert pod["nodeSelector"] == {"pool": "inference", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}
+    assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "models"}
+    assert volumes["profile"]["configMap"] == {"name": "sim-profile-nvidia-h100-80gb-hbm3"}
+    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize(("cc", "precision"), [("9.0", "fp16"), ("7.0", "fp16"), ("6.1", "fp32"), (None, "fp32")])
+def test_the_safe_default_follows_compute_capability(cc: str | None, precision: str) -> None:
+    product = gpus.Product(hardware="GPU", labels=("GPU",), nodes={"GPU": 1}, compute_capability=cc)
+    config = render.serving(parse_spec(SPEC), product, None, None)
+    assert (config.mode, config.precision, config.args) == ("default", precision, ("--precision", precision))
+
+
+def test_pinned_knobs_and_tuned_profiles_change_what_pods_run() -> None:
+    pinned = parse_spec({**SPEC, "precision": "fp32", "batching": {"maxBatchSize": 16, "maxWaitMs": 0}})
+    config = render.serving(pinned, H100, None, None)
+    assert config.mode == "pinned"
+    assert config.args == ("--precision", "fp32", "--max-batch-size", "16", "--max-wait-ms", "0")
+
+    text = '{"precision": "bf16", "maxBatchSize": 64, "maxWaitMs": 2, "throughput": 1, "p99Ms": 1, "tunedAt": "t"}'
+    tuned = render.serving(parse_spec(SPEC), H100, parse_profile(text), text)
+    assert (tuned.mode, tuned.precision, tuned.args) == ("tuned", "bf16", ("--profile", "/etc/structsim/profile.json"))
+    default = render.serving(parse_spec(SPEC), H100, None, None)
+    retuned = render.serving(parse_spec(SPEC), H100, parse_profile(text), text.replace('"t"', '"u"'))
+    hashes = {default.config_hash, tuned.config_hash, retuned.config_hash}
+    assert len(hashes) == 3  # any change of args or profile content rolls the pods
+    assert tuned.config_hash == render.serving(parse_spec(SPEC), H100, parse_profile(text), text).config_hash
+
+
+def test_the_tune_job_follows_the_contract() -> None:
+    spec = parse_spec(
+        {
+            **SPEC,
+            "precision": "fp16",
+            "batching": {"maxWaitMs": 2},
+            "autotune": {"trials": 12, "p99Ms": 25, "maxAbsError": 0.002, "threshold": 0.6, "timeoutSeconds": 900},
+        }
+    )
+    fp = fingerprint(spec)
+    shared = gpus.Product(
+        hardware="Tesla-T4", labels=("Tesla-T4", "Tesla-T4-SHARED"), nodes={"Tesla-T4": 1, "Tesla-T4-SHARED": 3}
+    )
+    job = render.render_job(OWNER, spec, shared, fp, 3, priority_class="structsim-autotune")
+    c = container(job)
+    assert c["args"] == [
+        "autotune",
+        "--model",
+        MODEL,
+        "--revision",
+        "master",
+        "--gpu-product",
+        "Tesla-T4",
+        "--precision",
+        "fp16",
+        "--max-wait-ms",
+        "2",
+        "--trials",
+        "12",
+        "--p99-ms",
+        "25.0",
+        "--max-abs-error",
+        "0.002",
+        "--threshold",
+        "0.6",
+        "--out",
+        "/tmp/profile.json",
+        "--termination-log",
+        "/dev/termination-log",
+    ]
+    assert (c["terminationMessagePath"], c["terminationMessagePolicy"]) == ("/dev/termination-log", "File")
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 900
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["priorityClassName"] == "structsim-autotune"
+    assert "priorityClassName" not in render.render_job(OWNER, spec, shared, fp, 3)["spec"]["template"]["spec"]
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["Tesla-T4"]}]
+    labels = job["metadata"]["labels"]
+    assert (labels["structsim.io/fingerprint"], labels["structsim.io/attempt"], labels["structsim.io/gpu-product"]) == (
+        fp,
+        "3",
+        "Tesla-T4",
+    )
+    assert job["spec"]["template"]["metadata"]["labels"]["structsim.io/tune-job"] == job["metadata"]["name"]
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] != "server"  # the Service never selects it
+
+
+def test_a_time_sliced_only_product_tunes_on_its_shared_nodes() -> None:
+    only_shared = gpus.Product(hardware="Tesla-T4", labels=("Tesla-T4-SHARED",), nodes={"Tesla-T4-SHARED": 2})
+    assert only_shared.tune_labels == ("Tesla-T4-SHARED",)
+
+
+@pytest.mark.parametrize("kube_version", ["1.29.0", "1.37.0"])
+def test_every_child_is_a_valid_kubernetes_object(kube_version: str) -> None:
+    spec = parse_spec(
+        {
+            **SPEC,
+            "tolerations": [
+                {"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoExecute", "tolerationSeconds": 60}
+            ],
+        }
+    )
+    config = render.serving(spec, H100, None, None)
+    children = [
+        render.render_service(OWNER, spec),
+        render.render_configmap(OWNER, H100.hardware, fingerprint(spec), '{"precision": "fp16"}'),
+        render.render_daemonset(OWNER, spec, H100.labels[0], config, "cm"),
+        render.render_job(OWNER, spec, H100, fingerprint(spec), 1),
+    ]
+    for child in children:
+        kubernetes_validate.validate(child, kube_version, strict=True)
+        assert child["metadata"]["ownerReferences"] == [OWNER.reference()]
+        assert DNS_LABEL.match(child["metadata"]["name"]) and len(child["metadata"]["name"]) <= 63
+
+
+def test_gpu_products_are_grouped_by_hardware() -> None:
+    def node(name: str, product: str, **labels: str) -> gpus.GpuNode:
+        return gpus.GpuNode(name, {"nvidia.com/gpu.product": product, **labels})
+
+    nodes = [
+        node(
+            "a", "Tesla-T4", **{"nvidia.com/gpu.compute.major": "7", "nvidia.com/gpu.compute.minor": "5", "pool": "x"}
+        ),
+        node("b", "Tesla-T4-SHARED", pool="x"),  # time-sliced: same hardware, its own DaemonSet
+        node("c", "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb", pool="x"),  # a MIG slice: its own product
+        node("d", "NVIDIA-A100-SXM4-40GB", pool="x", **{"nvidia.com/mig.strategy": "mixed"}),  # slices only
+        node("e", "NVIDIA-H100-80GB-HBM3", pool="y"),  # not selected
+        gpus.GpuNode("f", {"nvidia.com/gpu.product": "NVIDIA-L4", "pool": "x"}, gpus=0),  # no allocatable GPU
+        gpus.GpuNode("g", {"pool": "x"}),  # no GPU at all
+    ]
+    products = gpus.select_products(nodes, {"pool": "x"})
+    assert [(p.hardware, p.labels, dict(p.nodes)) for p in products] == [
+        (
+            "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb",
+            ("NVIDIA-A100-SXM4-40GB-MIG-1g.5gb",),
+            {"NVIDIA-A100-SXM4-40GB-MIG-1g.5gb": 1},
+        ),
+        ("Tesla-T4", ("Tesla-T4", "Tesla-T4-SHARED"), {"Tesla-T4": 1, "Tesla-T4-SHARED": 1}),
+    ]
+    assert products[1].compute_capability == "7.5" and products[1].safe_precision == "fp16"
+    assert products[0].compute_capability is None and products[0].safe_precision == "fp32"
+
+
+def test_node_capacity_is_read_from_status() -> None:
+    node = gpus.GpuNode.from_node("n", {"nvidia.com/gpu.product": "X"}, {"capacity": {"nvidia.com/gpu": "8"}})
+    assert node.gpus == 8 and node.serves_gpus()
+    assert gpus.GpuNode.from_node("n", {"nvidia.com/gpu.product": "X"}, None).gpus is None

@@ -1,0 +1,147 @@
+"""spec.py: defaults equal to the CRD's, the checks a structural schema cannot make, the fingerprint,
+and the profile contract with `structsim autotune`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from crd_schema import apply_defaults, load_crd, openapi_schema
+from kube_harness import H100, MODEL, profile_json
+from similarity_operator.spec import ProfileError, SpecError, fingerprint, parse_profile, parse_spec
+
+MINIMAL: dict[str, Any] = {"model": {"id": MODEL}, "image": "structsim:0.1.0"}
+
+
+def _defaults(schema: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    found = [(path, schema["default"])] if "default" in schema and schema["default"] != {} else []
+    for name, sub in (schema.get("properties") or {}).items():
+        found += _defaults(sub, (*path, name))
+    return found
+
+
+def test_code_defaults_are_the_crd_defaults() -> None:
+    """The operator must not depend on server-side defaulting, nor disagree with it."""
+    spec_schema = openapi_schema(load_crd())["properties"]["spec"]
+    in_code = msgspec.to_builtins(parse_spec(MINIMAL))
+    declared = _defaults(spec_schema)
+    assert len(declared) >= 12
+    for path, default in declared:
+        value = in_code
+        for key in path:
+            value = value[key]
+        assert value == default, f"spec.{'.'.join(path)}: the CRD says {default!r}, the operator {value!r}"
+    assert parse_spec(apply_defaults(MINIMAL, spec_schema)) == parse_spec(MINIMAL)
+
+
+@pytest.mark.parametrize(
+    ("batching", "expected"),
+    [
+        ({}, ("auto", "auto")),
+        ({"maxBatchSize": 64, "maxWaitMs": 0}, (64, 0)),
+        ({"maxBatchSize": "128", "maxWaitMs": "5"}, (128, 5)),  # int-or-string: numbers as strings are numbers
+    ],
+)
+def test_batching_is_int_or_auto(batching: dict[str, Any], expected: tuple[Any, Any]) -> None:
+    spec = parse_spec({**MINIMAL, "batching": batching})
+    assert (spec.batching.max_batch_size, spec.batching.max_wait_ms) == expected
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        (
+            {"batching": {"maxBatchSize": "lots"}},
+            "spec.batching.maxBatchSize must be an integer 1-1024 or \"auto\", got 'lots'",
+        ),
+        ({"batching": {"maxBatchSize": 0}}, "spec.batching.maxBatchSize must be an integer 1-1024"),
+        ({"batching": {"maxWaitMs": 5000}}, "spec.batching.maxWaitMs must be an integer 0-1000"),
+        ({"batching": {"maxWaitMs": True}}, "spec.batching.maxWaitMs must be an integer"),
+        ({"gpusPerPod": 0}, "spec.gpusPerPod: Expected `int` >= 1"),
+        ({"precision": "int8"}, "spec.precision: Invalid enum value 'int8'"),
+        ({"autotune": {"p99Ms": 0}}, "spec.autotune.p99Ms: Expected `float` > 0.0"),
+        ({"autotune": {"trails": 5}}, "spec.autotune: Object contains unknown field `trails`"),
+        ({"nodeSelector": {"pool": "gpu pool"}}, "spec.nodeSelector['pool']: 'gpu pool' is not a valid label value"),
+        ({"nodeSelector": {"bad key!": "x"}}, "spec.nodeSelector: 'bad key!' is not a valid label key"),
+        ({"model": {"id": MODEL, "cache": {"pvc": "Models_PVC"}}}, "spec.model.cache.pvc: 'Models_PVC' is not a valid"),
+        ({"image": ""}, "spec.image: Expected `str` of length >= 1"),
+    ],
+)
+def test_invalid_specs_name_the_field(patch: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec({**MINIMAL, **patch})
+    assert str(caught.value).startswith(message)
+
+
+def test_a_missing_spec_is_invalid() -> None:
+    with pytest.raises(SpecError, match="spec is missing"):
+        parse_spec(None)
+    with pytest.raises(SpecError, match="required field `model`"):
+        parse_spec({"image": "x"})
+
+
+def test_pinning_and_tuning() -> None:
+    assert parse_spec(MINIMAL).tunes
+    assert not parse_spec({**MINIMAL, "autotune": {"enabled": False}}).tunes
+    pinned = parse_spec({**MINIMAL, "precision": "fp16", "batching": {"maxBatchSize": 8, "maxWaitMs": 1}})
+    assert pinned.fully_pinned and not pinned.tunes and pinned.pinned_precision == "fp16"
+    assert parse_spec({**MINIMAL, "precision": "fp16"}).tunes  # batching is still left to tune
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"model": {"id": "iic/another-model"}},
+        {"model": {"id": MODEL, "revision": "v1.0.1"}},
+        {"precision": "fp32"},
+        {"batching": {"maxBatchSize": 32}},
+        {"batching": {"maxWaitMs": 3}},
+        {"autotune": {"p99Ms": 20}},
+        {"autotune": {"maxAbsError": 0.01}},
+        {"autotune": {"threshold": 0.5}},
+    ],
+)
+def test_the_fingerprint_changes_with_what_a_profile_depends_on(patch: dict[str, Any]) -> None:
+    assert fingerprint(parse_spec({**MINIMAL, **patch})) != fingerprint(parse_spec(MINIMAL))
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"image": "structsim:0.2.0"},
+        {"autotune": {"trials": 100}},
+        {"gpusPerPod": 2},
+        {"port": 8080},
+        {"nodeSelector": {"pool": "a"}},
+        {"batching": {"maxBatchSize": "auto"}},  # the default, spelled out
+    ],
+)
+def test_the_fingerprint_ignores_what_does_not_change_the_question(patch: dict[str, Any]) -> None:
+    assert fingerprint(parse_spec({**MINIMAL, **patch})) == fingerprint(parse_spec(MINIMAL))
+    assert len(fingerprint(parse_spec(MINIMAL))) == 16
+
+
+def test_the_profile_autotune_writes_is_accepted() -> None:
+    """The contract with similarity_service/profile.py, through the service's own encoder."""
+    profile = parse_profile(
+        profile_json(H100, precision="bf16", batch=256, wait_ms=1.5, throughput=9000.0, p99_ms=20.0)
+    )
+    assert (profile.precision, profile.max_batch_size, profile.max_wait_ms) == ("bf16", 256, 1.5)
+    assert (profile.throughput, profile.p99_ms, profile.compute_capability) == (9000.0, 20.0, "9.0")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "no termination message"),
+        ("  ", "no termination message"),
+        ("Traceback (most recent call last): ...", "not JSON"),
+        ('{"precision": "fp16"}', "not a valid profile: Object missing required field"),
+        (profile_json(H100).replace('"fp16"', '"int4"'), "not a valid profile: Invalid enum value 'int4'"),
+    ],
+)
+def test_unusable_results_are_refused(text: str | None, message: str) -> None:
+    with pytest.raises(ProfileError, match=message):
+        parse_profile(text)
