@@ -1,0 +1,143 @@
+"""What device the study tunes: GPU product, compute capability, memory and driver, or the CPU.
+
+NVML (nvidia-ml-py) is asked first because it reports the driver and the same product name the
+Kubernetes GPU feature discovery publishes; torch is the fallback where NVML is missing (e.g. a
+container without the driver's libnvidia-ml). On a CPU the model name and usable core count.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DeviceKind = Literal["cuda", "cpu"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    """The device a study runs on. Build one directly to simulate a device (tests, planning)."""
+
+    device: DeviceKind
+    name: str  # "NVIDIA H100 80GB HBM3" or the CPU model
+    compute_capability: str | None = None  # "9.0"; None on CPU
+    memory_gib: float | None = None  # total device memory; None on CPU
+    driver: str | None = None  # NVIDIA driver version where known
+    cpu_cores: int = 1
+    gpu_product: str | None = None  # the `nvidia.com/gpu.product` label value; None on CPU
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        """Compute capability as (major, minor), for comparisons."""
+        if self.compute_capability is None:
+            return None
+        major, _, minor = self.compute_capability.partition(".")
+        return int(major), int(minor or 0)
+
+    @property
+    def product(self) -> str:
+        """A stable product key for study names: the GPU product, or `cpu-<model>`."""
+        if self.gpu_product:
+            return self.gpu_product
+        return product_label(self.name) if self.device == "cuda" else f"cpu-{product_label(self.name)}"
+
+
+def product_label(name: str) -> str:
+    """Spell a device name the way GPU feature discovery writes `nvidia.com/gpu.product`."""
+    return "-".join(name.split())
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def detect_hardware(device: str = "auto", *, gpu_product: str | None = None) -> Hardware:
+    """Describe the device the engine will run on (`device`: auto, cpu, cuda). `gpu_product` overrides
+    the derived label (the operator passes the node's `nvidia.com/gpu.product`, so profiles match its
+    key exactly). Raises `similarity_service.precision.DeviceError` for a device that is not here."""
+    from similarity_service.precision import resolve_device  # the engine's rule; raises DeviceError
+
+    if resolve_device(device).type == "cpu":
+        return Hardware(device="cpu", name=cpu_model(), cpu_cores=usable_cores())
+    found = _from_nvml() or _from_torch()
+    return Hardware(
+        device="cuda",
+        name=found.name,
+        compute_capability=found.compute_capability,
+        memory_gib=found.memory_gib,
+        driver=found.driver,
+        cpu_cores=usable_cores(),
+        gpu_product=gpu_product or product_label(found.name),
+    )
+
+
+def _torch_device_uuid() -> str | None:
+    """The UUID of the GPU torch uses, so NVML describes that one (NVML ignores CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+    if uuid is None:
+        return None
+    text = str(uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def _from_nvml() -> Hardware | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        uuid = _torch_device_uuid()
+        handle = (
+            pynvml.nvmlDeviceGetHandleByUUID(uuid) if uuid else pynvml.nvmlDeviceGetHandleByIndex(0)
+        )
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        name = pynvml.nvmlDeviceGetName(handle)
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+    return Hardware(
+        device="cuda",
+        name=name.decode() if isinstance(name, bytes) else str(name),
+        compute_capability=f"{major}.{minor}",
+        memory_gib=round(memory / 2**30, 2),
+        driver=driver.decode() if isinstance(driver, bytes) else str(driver),
+    )
+
+
+def _from_torch() -> Hardware:
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return Hardware(
+        device="cuda",
+        name=props.name,
+        compute_capability=f"{props.major}.{props.minor}",
+        memory_gib=round(props.total_memory / 2**30, 2),
+    )

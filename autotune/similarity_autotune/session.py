@@ -1,0 +1,226 @@
+"""One tuning session, wired end to end: device → engines → space → study → trials → profile.
+
+Everything before the first trial is input checking: a failure there (unknown model, precision the
+device cannot run, unreadable workload) raises `TuneInputError`. A study in which no config met the
+SLO and the accuracy guard raises `NoFeasibleConfig`, after the study and the plot are saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from dataclasses import dataclass
+from typing import TextIO
+
+import msgspec
+
+from similarity_service.corpus import CorpusFormatError, load_corpus, load_pairs_file
+from similarity_service.model import ModelLoadError
+from similarity_service.precision import DeviceError, PrecisionError
+from similarity_service.profile import Profile, decode_profile, encode_profile, write_profile
+from similarity_service.settings import Settings
+
+from similarity_autotune.accuracy import AccuracyGuard
+from similarity_autotune.benchmark import LoadGenerator, LoadSettings
+from similarity_autotune.hardware import Hardware, detect_hardware
+from similarity_autotune.objective import Objective
+from similarity_autotune.plot import plot_trials
+from similarity_autotune.report import ProgressReporter, best_table, study_summary
+from similarity_autotune.result import build_profile, explain_no_feasible
+from similarity_autotune.runtime import ServingRuntime, TunableEngine
+from similarity_autotune.space import build_space, default_config, memory_batch_limit
+from similarity_autotune.study import (
+    enqueue_default,
+    ensure_accuracy,
+    open_storage,
+    open_study,
+    run_study,
+    study_name,
+)
+
+
+class TuneInputError(ValueError):
+    """The model, device, precision or a pairs file cannot be used; nothing was tuned."""
+
+
+class NoFeasibleConfig(Exception):
+    """The study ended without a config that meets the SLO and the accuracy guard."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneOptions:
+    """Everything a session needs; `structsim autotune`'s flags map onto it one to one."""
+
+    model: str
+    revision: str | None = None
+    cache_dir: str | None = None
+    offline: bool = False
+    device: str = "auto"
+    gpu_product: str | None = None
+    max_seq_len: int = 512
+    precision: str = "auto"
+    max_batch_size: int | None = None
+    max_wait_ms: float | None = None
+    p99_ms: float = 50.0
+    max_abs_error: float = 0.003
+    threshold: float = 0.7
+    workload: str | None = None
+    validation: str | None = None
+    trials: int = 30
+    timeout: float | None = None
+    storage: str | None = None
+    seed: int | None = None
+    step_seconds: float = 0.5
+    probe_seconds: float = 0.3
+    out: str | None = "profile.json"
+    plot: str | None = None
+    progress_bars: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: object) -> TuneOptions:
+        names = {field for field in cls.__dataclass_fields__}
+        values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneResult:
+    """A successful session."""
+
+    profile: Profile
+    profile_json: str  # compact, for the termination log
+    table: str
+    study_name: str
+
+
+def tune(options: TuneOptions, *, stream: TextIO) -> TuneResult:
+    """Run the session; see the module docstring for what it raises."""
+    defaults = Settings()
+    guard = AccuracyGuard(max_abs_error=options.max_abs_error, threshold=options.threshold)
+    with ServingRuntime(
+        _engine_loader(options, stream),
+        max_queue_pairs=defaults.max_queue_pairs,
+        max_batch_tokens=defaults.max_batch_tokens,
+    ) as runtime:
+        try:
+            hardware = detect_hardware(options.device, gpu_product=options.gpu_product)
+            workload = _pairs(options.workload)
+            validation = _pairs(options.validation)
+            reference = runtime.engine("fp32")
+            info = reference.info
+            space = build_space(
+                hardware,
+                precision=options.precision,
+                max_batch_size=options.max_batch_size,
+                max_wait_ms=options.max_wait_ms,
+                batch_limit=memory_batch_limit(hardware, info.model_dir, options.max_seq_len),
+            )
+        except (ModelLoadError, PrecisionError, DeviceError, CorpusFormatError, OSError, ValueError) as exc:
+            raise TuneInputError(str(exc)) from exc
+
+        print(_describe(hardware, info.model_id, info.fingerprint, space.precisions), file=stream)
+        name = study_name(
+            hardware,
+            fingerprint=info.fingerprint,
+            max_seq_len=options.max_seq_len,
+            slo_p99_ms=options.p99_ms,
+            space=space,
+            guard=guard,
+            workload_digest=_digest(workload),
+        )
+        study = open_study(open_storage(options.storage), name, seed=options.seed)
+        resumed = len(study.trials)
+        print(f"study {name}" + (f" (resuming after {resumed} trials)" if resumed else ""), file=stream)
+        accuracy = ensure_accuracy(study, runtime, space.precisions, validation, guard)
+        for result in accuracy.values():
+            verdict = "ok" if result.admissible else "over the tolerance: infeasible"
+            print(
+                f"accuracy {result.precision}: mean |Δ| {result.mean_abs_error:.2g}, max |Δ| "
+                f"{result.max_abs_error:.2g}, {result.flips} flips at {result.threshold:g}: {verdict}",
+                file=stream,
+            )
+        enqueue_default(study, default_config(hardware, space))
+        load = LoadGenerator(
+            [[pair] for pair in reference.encode(workload)],
+            LoadSettings(step_seconds=options.step_seconds, probe_seconds=options.probe_seconds),
+        )
+        objective = Objective(
+            space=space,
+            runtime=runtime,
+            load=load,
+            slo_p99_ms=options.p99_ms,
+            guard=guard,
+            accuracy=accuracy,
+            observer=ProgressReporter(stream, bars=options.progress_bars),
+        )
+        outcome = run_study(study, objective, trials=options.trials, timeout_s=options.timeout)
+
+    trials = study.trials
+    print(study_summary(trials), file=stream)
+    if options.plot:
+        title = f"{hardware.product} · {info.model_id} · p99 ≤ {options.p99_ms:g} ms"
+        plot_trials(trials, chosen=outcome.best, slo_p99_ms=options.p99_ms, title=title, path=options.plot)
+    if outcome.best is None:
+        raise NoFeasibleConfig(
+            explain_no_feasible(
+                trials, list(accuracy.values()), slo_p99_ms=options.p99_ms, max_abs_error=options.max_abs_error
+            )
+        )
+    profile = build_profile(
+        outcome.best,
+        hardware=hardware,
+        info=info,
+        accuracy=list(accuracy.values()),
+        slo_p99_ms=options.p99_ms,
+        trials=len(trials),
+    )
+    profile = decode_profile(encode_profile(profile))  # validated exactly as `serve --profile` will read it
+    if options.out:
+        write_profile(profile, options.out)
+    return TuneResult(
+        profile=profile,
+        profile_json=msgspec.json.encode(profile).decode(),
+        table=best_table(trials, chosen=outcome.best),
+        study_name=name,
+    )
+
+
+def _engine_loader(options: TuneOptions, stream: TextIO):  # type: ignore[no-untyped-def]
+    def load(precision: str) -> TunableEngine:
+        from similarity_service.runner import Engine  # torch: only when a session runs
+
+        print(f"loading {options.model} in {precision} …", file=stream, flush=True)
+        engine = Engine.load(
+            options.model,
+            revision=options.revision,
+            cache_dir=options.cache_dir,
+            offline=options.offline,
+            precision=precision,
+            device=options.device,
+            max_seq_len=options.max_seq_len,
+        )
+        engine.warmup()
+        return engine
+
+    return load
+
+
+def _pairs(path: str | None) -> list[tuple[str, str]]:
+    rows = load_corpus() if path is None else load_pairs_file(path)
+    return [row.pair for row in rows]
+
+
+def _digest(pairs: list[tuple[str, str]]) -> str:
+    return hashlib.sha256(msgspec.json.encode(pairs)).hexdigest()[:12]
+
+
+def _describe(hardware: Hardware, model_id: str, fingerprint: str, precisions: tuple[str, ...]) -> str:
+    if hardware.device == "cuda":
+        where = (
+            f"{hardware.name} (compute capability {hardware.compute_capability}, "
+            f"{hardware.memory_gib} GiB, driver {hardware.driver or 'unknown'})"
+        )
+    else:
+        where = f"{hardware.name} ({hardware.cpu_cores} cores)"
+    return f"tuning {model_id} [{fingerprint[:12]}] on {where}; precisions: {', '.join(precisions)}"
