@@ -5,10 +5,10 @@ none: every matmul runs on exactly the tokens there are, and attention is variab
 attention over cumulative sequence offsets (`cu_seqlens`). The last layer computes only each pair's
 [CLS] row (queries, output projection, FFN and LayerNorms), since nothing else is read.
 
-Precision: matmuls and attention run in the model's dtype (fp16/bf16), but the residual stream, the
-LayerNorms, the pooler and the head stay in fp32 (`PackedWeights`). Rounding the residual sum to fp16
-after every block is the main source of fp16's error against fp32; keeping it costs only elementwise
-bandwidth.
+Precision: matmuls and attention run in the model's dtype (fp16/bf16); the pooler and the head run
+in fp32, and so, with `residual_fp32`, do the residual stream and the LayerNorms (`PackedWeights`).
+Rounding the residual sum to fp16 after every block is the main source of fp16's error against fp32;
+keeping it in fp32 costs elementwise bandwidth (bench/perf.py measures both).
 
 The attention kernel is PyTorch's `varlen_attn` (CUDA, fp16/bf16). `reference_varlen_attention` is
 the same function spelled with per-sequence SDPA, so the packing logic is tested on the CPU.
@@ -67,6 +67,7 @@ class PackedWeights:
     """The model's weights as the packed forward uses them: matmuls in the model's dtype, the rest fp32."""
 
     model: BertSimilarity
+    residual_dtype: torch.dtype
     embedding_norm: Norm
     attention_norms: list[Norm]
     ffn_norms: list[Norm]
@@ -74,15 +75,18 @@ class PackedWeights:
     pooler_bias: torch.Tensor
 
     @classmethod
-    def of(cls, model: BertSimilarity) -> PackedWeights:
-        def fp32(norm: torch.nn.LayerNorm) -> Norm:
-            return Norm(norm.weight.float(), norm.bias.float(), norm.eps)
+    def of(cls, model: BertSimilarity, *, residual_fp32: bool = True) -> PackedWeights:
+        residual = torch.float32 if residual_fp32 else model.word_embeddings.weight.dtype
+
+        def norm(layer_norm: torch.nn.LayerNorm) -> Norm:
+            return Norm(layer_norm.weight.to(residual), layer_norm.bias.to(residual), layer_norm.eps)
 
         return cls(
             model=model,
-            embedding_norm=fp32(model.embedding_norm),
-            attention_norms=[fp32(layer.attention_norm) for layer in model.layers],
-            ffn_norms=[fp32(layer.ffn_norm) for layer in model.layers],
+            residual_dtype=residual,
+            embedding_norm=norm(model.embedding_norm),
+            attention_norms=[norm(layer.attention_norm) for layer in model.layers],
+            ffn_norms=[norm(layer.ffn_norm) for layer in model.layers],
             pooler_weight=model.pooler.weight.float(),
             pooler_bias=model.pooler.bias.float(),
         )
@@ -106,11 +110,11 @@ def packed_probabilities(
     max_len: an upper bound of any sequence's length.
     """
     model = weights.model
-    dtype = model.word_embeddings.weight.dtype
+    dtype, residual = model.word_embeddings.weight.dtype, weights.residual_dtype
     x = weights.embedding_norm(
-        model.word_embeddings(input_ids).float()
-        + model.position_embeddings(position_ids).float()
-        + model.token_type_embeddings(token_type_ids).float()
+        model.word_embeddings(input_ids).to(residual)
+        + model.position_embeddings(position_ids).to(residual)
+        + model.token_type_embeddings(token_type_ids).to(residual)
     )
     tokens, hidden = x.shape
     last = len(model.layers) - 1
@@ -122,8 +126,8 @@ def packed_probabilities(
             attended = attention(q, k, v, cls_query_offsets, cu_seqlens, 1, max_len)
         else:
             attended = attention(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
-        x = weights.attention_norms[index](x + layer.attention_out(attended.reshape(x.shape[0], hidden)).float())
+        x = weights.attention_norms[index](x + layer.attention_out(attended.reshape(x.shape[0], hidden)).to(residual))
         inner = F.gelu(layer.ffn_in(x.to(dtype)), approximate=layer.gelu_approximate)
-        x = weights.ffn_norms[index](x + layer.ffn_out(inner).float())
-    pooled = torch.tanh(F.linear(x, weights.pooler_weight, weights.pooler_bias))
+        x = weights.ffn_norms[index](x + layer.ffn_out(inner).to(residual))
+    pooled = torch.tanh(F.linear(x.float(), weights.pooler_weight, weights.pooler_bias))
     return torch.sigmoid(model.head(pooled).squeeze(-1))

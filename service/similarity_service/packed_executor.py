@@ -13,6 +13,7 @@ pinned buffers, so a one-pair call is one copy in, one replay, one copy out.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -30,6 +31,8 @@ _MAX_GRAPH_TOKENS = GRAPH_TOKEN_BUCKETS[-1]
 _MAX_GRAPH_SEQUENCES = GRAPH_SEQUENCE_BUCKETS[-1] + 1  # the padding sequence
 
 PackedForward = Callable[..., torch.Tensor]
+
+logger = logging.getLogger(__name__)
 
 
 def pack(items: Sequence[EncodedPair]) -> tuple[np.ndarray, np.ndarray]:
@@ -80,9 +83,15 @@ class PackedExecutor:
     """
 
     def __init__(
-        self, model: BertSimilarity, device: torch.device, attention: VarlenAttention, *, compile_model: bool = False
+        self,
+        model: BertSimilarity,
+        device: torch.device,
+        attention: VarlenAttention,
+        *,
+        compile_model: bool = False,
+        residual_fp32: bool = True,
     ) -> None:
-        self._weights = PackedWeights.of(model)
+        self._weights = PackedWeights.of(model, residual_fp32=residual_fp32)
         self._device = device
         self._attention = attention
         self._forward: PackedForward = packed_probabilities
@@ -121,7 +130,17 @@ class PackedExecutor:
             cls_offsets = self._cls_offsets[:sequences]
         else:
             cls_offsets = torch.arange(sequences, dtype=torch.int32, device=self._device)
-        return self._forward(self._weights, block[0], block[1], block[2], cu, cls_offsets, max_len, self._attention)
+        args = (self._weights, block[0], block[1], block[2], cu, cls_offsets, max_len, self._attention)
+        if self._forward is packed_probabilities:
+            return packed_probabilities(*args)
+        try:
+            return self._forward(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - any compiler failure: serve eagerly rather than not at all
+            logger.warning("torch.compile failed; the packed forward runs eagerly", exc_info=True)
+            self._forward = packed_probabilities
+            return packed_probabilities(*args)
 
     def _run_eager(self, block: np.ndarray, cu: np.ndarray, max_tokens: int, max_pairs: int) -> list[float]:
         ranges = split_by_tokens(cu, max_tokens, max_pairs)

@@ -141,16 +141,18 @@ class Engine:
         bucket_multiple: int = DEFAULT_BUCKET_MULTIPLE,
         packed: bool = True,
         cuda_graphs: bool = True,
-        compile_model: bool = False,
+        compile_model: bool = True,
+        residual_fp32: bool = True,
     ) -> Engine:
         """Load a model (local directory or ModelScope hub id) onto a device in a precision.
 
         Raises `ModelLoadError` (model), `PrecisionError` / `DeviceError` (device), ValueError (limits).
         Device and precision are checked first, so a bad flag fails before a download.
 
-        `packed`, `cuda_graphs` and `compile_model` choose the CUDA fp16/bf16 fast path's levers (they do
-        nothing elsewhere): packed varlen forwards, CUDA graphs for small batches, torch.compile (slower
-        start, faster forwards). `max_batch_size` (pairs) and `max_batch_tokens` bound one forward; their
+        `packed`, `cuda_graphs`, `compile_model` and `residual_fp32` choose the CUDA fp16/bf16 fast path's
+        levers (they do nothing elsewhere): packed varlen forwards, CUDA graphs for small batches,
+        torch.compile (~30 s more to start, faster forwards; falls back to eager if it fails), and an fp32
+        residual stream (more accurate, a little slower). `max_batch_size` (pairs) and `max_batch_tokens` bound one forward; their
         defaults depend on the path (padded: 256 pairs, 32k padded tokens; packed: 4096 pairs, 64k real tokens).
         """
         torch_device = resolve_device(device)
@@ -185,7 +187,9 @@ class Engine:
         executor = None
         attention = cuda_varlen_attention()
         if packed and torch_device.type == "cuda" and chosen in PACKED_PRECISIONS and attention is not None:
-            executor = PackedExecutor(module, torch_device, attention, compile_model=compile_model)
+            executor = PackedExecutor(
+                module, torch_device, attention, compile_model=compile_model, residual_fp32=residual_fp32
+            )
         packed_path = executor is not None
         if max_batch_size is None:
             max_batch_size = DEFAULT_MAX_PACKED_PAIRS if packed_path else DEFAULT_MAX_BATCH_SIZE

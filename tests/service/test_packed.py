@@ -121,3 +121,15 @@ def test_score_tokenizes_long_lists_in_chunks_and_keeps_their_order(
     monkeypatch.setattr(runner, "SCORE_CHUNK_PAIRS", 7)
     # same scores in the same order; batch composition moves fp32 results by rounding only
     assert tiny_engine.score(pairs) == pytest.approx(expected, abs=1e-5)
+
+
+def test_one_by_one_and_batch_encoding_agree(tiny_model_dir: Path) -> None:
+    from similarity_service.corpus import load_corpus
+    from similarity_service.tokenization import PARALLEL_ENCODE_MIN_PAIRS
+
+    tokenizer = PairTokenizer(tiny_model_dir, max_seq_len=64)  # short: many pairs truncate
+    pairs = [pair.pair for pair in load_corpus()][::5]
+    assert len(pairs) >= PARALLEL_ENCODE_MIN_PAIRS
+    batch = tokenizer.encode(pairs)
+    assert [tokenizer.encode([pair])[0] for pair in pairs] == batch
+    assert any(item.num_tokens == 64 for item in batch)
