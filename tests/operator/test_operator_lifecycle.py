@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from kube_harness import H100, MODEL, T4, Cluster, OperatorThread, eventually, fast_settings, profile_json
+from kube_harness import A100, H100, MODEL, T4, Cluster, OperatorThread, eventually, fast_settings, profile_json
 
 SPEC: dict[str, Any] = {"model": {"id": MODEL}, "image": "registry.example.com/structsim:0.1.0"}
 DS = "apps/v1/daemonsets"
@@ -185,6 +185,11 @@ async def test_a_node_with_a_new_product_gets_a_daemonset_and_a_job(cluster: Clu
     assert job["metadata"]["labels"]["structsim.io/gpu-product"] == T4
     assert len(cluster.status("sim")["profiles"]) == 1  # the H100 keeps its profile, T4 is being tuned
     await eventually(lambda: cluster.status("sim")["phase"] == "Tuning")
+
+    # GPU Feature Discovery labelling a node that was already there counts the same.
+    await cluster.create("/api/v1/nodes", {"metadata": {"name": "late", "labels": {"pool": "a"}}})
+    await cluster.merge("/api/v1/nodes/late", {"metadata": {"labels": {"nvidia.com/gpu.product": A100}}})
+    await eventually(lambda: len(cluster.daemonsets()) == 3 and len(cluster.jobs()) == 2)
 
 
 async def test_the_last_node_of_a_product_removed_deletes_its_daemonset(
