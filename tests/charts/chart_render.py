@@ -60,6 +60,7 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
         "podAnnotations": {"example.com/scrape": "false"},
         "podLabels": {"tier": "control"},
     },
+    "tunePriorityClass": {"create": False, "value": 1000, "name": "gpu-batch"},
     "serviceAccount": {"create": True, "name": "simop-sa", "annotations": {"example.com/role": "simop"}},
     "networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32", "fd00::1/128"], "ports": [6443]}},
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%"},

@@ -38,7 +38,7 @@ YAMLLINT = yamllint_config.YamlLintConfig(
 
 def test_default_render_is_the_operator_and_its_rights(chart: Chart) -> None:
     kinds = sorted(obj["kind"] for obj in render_objects(chart))
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "PriorityClass", "ServiceAccount"]
 
 
 def test_non_default_render_adds_the_optional_objects(chart: Chart) -> None:
@@ -175,12 +175,25 @@ def test_operator_settings_reach_its_environment(chart: Chart) -> None:
         "STRUCTSIM_OPERATOR_RESYNC_INTERVAL": "15",
         "STRUCTSIM_OPERATOR_TUNE_BACKOFF": "60",
         "STRUCTSIM_OPERATOR_TUNE_BACKOFF_MAX": "3600",
+        "STRUCTSIM_OPERATOR_TUNE_PRIORITY_CLASS": "structsim-tune",
     }
     data = the(render_objects(chart, NON_DEFAULT_VALUES), "ConfigMap")["data"]
     assert data["STRUCTSIM_OPERATOR_RESYNC_INTERVAL"] == "2.5"
     assert data["STRUCTSIM_OPERATOR_TUNE_BACKOFF"] == "30"
     assert data["STRUCTSIM_OPERATOR_TUNE_BACKOFF_MAX"] == "600"
     assert data["NO_PROXY"] == ".svc,10.0.0.0/8"
+    assert data["STRUCTSIM_OPERATOR_TUNE_PRIORITY_CLASS"] == "gpu-batch"  # an existing class
+    data = the(render_objects(chart, {"tunePriorityClass": {"create": False}}), "ConfigMap")["data"]
+    assert "STRUCTSIM_OPERATOR_TUNE_PRIORITY_CLASS" not in data  # none: tune pods never preempt
+
+
+def test_tune_priority_class_can_preempt(chart: Chart) -> None:
+    objs = render_objects(chart)
+    priority_class = the(objs, "PriorityClass")
+    assert priority_class["value"] == 1000 and priority_class["globalDefault"] is False
+    assert priority_class["preemptionPolicy"] == "PreemptLowerPriority"
+    name = the(objs, "ConfigMap")["data"]["STRUCTSIM_OPERATOR_TUNE_PRIORITY_CLASS"]
+    assert priority_class["metadata"]["name"] == name
 
 
 def test_network_policy_allows_only_dns_and_the_api_server(chart: Chart) -> None:

@@ -78,8 +78,11 @@ def test_rbac_is_least_privilege(chart: Chart, value_set: str) -> None:
     assert not any(v in {"escalate", "bind", "impersonate"} for _, _, v in grants)
     # Nodes, namespaces, pods and CRDs are read, never written.
     assert not {(g, r, v) for g, r, v in grants if (g, r) in READ_ONLY and v in WRITE_VERBS}
-    # The resource is never created or deleted by its operator (users own it); status is patched.
-    assert not {v for g, r, v in grants if g == "structsim.io" and v in {"create", "delete", "update"}}
+    # The resource is never created, updated or deleted by its operator (users own it); status is
+    # patched; `update` only on the finalizers subresource (see the rule's comment).
+    assert {(r, v) for g, r, v in grants if g == "structsim.io" and v in {"create", "delete", "update"}} == {
+        ("similarityservices/finalizers", "update")
+    }
     assert ("structsim.io", "similarityservices/status", "patch") in grants
     # What the reconciler must do at all: watch GPU nodes and the resource, manage its children.
     needed = {("", "nodes", "watch"), ("structsim.io", "similarityservices", "watch"),

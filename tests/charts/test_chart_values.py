@@ -107,6 +107,7 @@ BROKEN_VALUES = {
     "operator setting via env": ({"operator": {"env": {"STRUCTSIM_OPERATOR_TUNE_BACKOFF": "1"}}}, "invalid propertyName"),
     "zero resync interval": ({"operator": {"resyncIntervalSeconds": 0}}, "/operator/resyncIntervalSeconds"),
     "unknown log format": ({"operator": {"logFormat": "xml"}}, "/operator/logFormat"),
+    "zero priority": ({"tunePriorityClass": {"value": 0}}, "/tunePriorityClass/value"),
     "bad digest": ({"image": {"digest": "latest"}}, "/image/digest"),
     "bad pull policy": ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     "boolean as string": ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),

@@ -44,7 +44,7 @@ def test_doc_rbac_table_is_the_chart_cluster_role(chart: Chart) -> None:
 
 def test_doc_names_real_values() -> None:
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
-    named = set(re.findall(r"`((?:operator|networkPolicy|podDisruptionBudget|image|serviceAccount|rbac)\.[\w.]+)`",
+    named = set(re.findall(r"`((?:operator|networkPolicy|podDisruptionBudget|image|serviceAccount|rbac|tunePriorityClass)\.[\w.]+)`",
                            DOC.read_text()))  # fmt: skip
     assert named
     for path in named:

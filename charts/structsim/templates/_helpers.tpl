@@ -59,6 +59,15 @@ helm.sh/chart: {{ include "structsim.chart" . }}
 {{- end }}
 {{- end }}
 
+{{/* The tune pods' PriorityClass: the chart's own, an existing one, or none (empty). */}}
+{{- define "structsim.tunePriorityClassName" -}}
+{{- if .Values.tunePriorityClass.create }}
+{{- printf "%s-tune" (include "structsim.fullname" . | trunc 58 | trimSuffix "-") }}
+{{- else }}
+{{- .Values.tunePriorityClass.name }}
+{{- end }}
+{{- end }}
+
 {{/* repository@digest, or repository:tag (tag defaults to the chart's appVersion). */}}
 {{- define "structsim.operator.image" -}}
 {{- if .Values.image.digest }}
@@ -82,6 +91,12 @@ granted only in those namespaces.
 - apiGroups: ["structsim.io"]
   resources: ["similarityservices/status"]
   verbs: ["get", "patch"]
+# Its finalizers: never called, but clusters with the OwnerReferencesPermissionEnforcement admission
+# plugin (OpenShift, for one) let only such a client create children whose ownerReference sets
+# blockOwnerDeletion, as the operator's do.
+- apiGroups: ["structsim.io"]
+  resources: ["similarityservices/finalizers"]
+  verbs: ["update"]
 # The children it owns: one DaemonSet per GPU product (the serving pods).
 - apiGroups: ["apps"]
   resources: ["daemonsets"]
