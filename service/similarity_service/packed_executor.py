@@ -116,12 +116,19 @@ class PackedExecutor:
         retries with a smaller `max_tokens`)."""
         if not items:
             return []
-        block, cu = pack(items)
-        bucket = graph_bucket(block.shape[1], len(items)) if use_graphs and self._pool is not None else None
+        tokens = sum(len(item.input_ids) for item in items)
+        bucket = graph_bucket(tokens, len(items)) if use_graphs and self._pool is not None else None
         with torch.inference_mode():
-            if bucket is not None and len(items) <= max_pairs and block.shape[1] <= max_tokens:
-                return self._replay(block, cu, bucket)
-            return self._run_eager(block, cu, max_tokens, max_pairs)
+            if bucket is not None and len(items) <= max_pairs and tokens <= max_tokens:
+                return self._replay(*pack(items), bucket)
+            # Length-sorted sub-batches: each forward's longest pair sets its attention grid (max_len).
+            order = sorted(range(len(items)), key=lambda index: len(items[index].input_ids))
+            block, cu = pack([items[index] for index in order])
+            sorted_scores = self._run_eager(block, cu, max_tokens, max_pairs)
+        scores = [0.0] * len(items)
+        for position, index in enumerate(order):
+            scores[index] = sorted_scores[position]
+        return scores
 
     def _call(self, block: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
         sequences = cu.numel()
