@@ -34,21 +34,23 @@ def _bounded(kind: type[float] | type[int], low: float, high: float, *, low_open
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """The autotune flags (the operator's tune Job passes these)."""
-    from similarity_service.settings import DEFAULT_MODEL
-
-    model = parser.add_argument_group("model and device")
-    model.add_argument("--model", default=DEFAULT_MODEL, help="ModelScope hub id or local checkpoint directory")
-    model.add_argument("--revision", default=None, help="hub revision (tag or commit)")
-    model.add_argument("--cache-dir", default=None, help="model download cache directory")
-    model.add_argument("--offline", action="store_true", help="never contact the model hub")
-    model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device to tune (default: auto)")
+    model = parser.add_argument_group(
+        "model and device", "as `structsim serve` takes them: unset flags fall back to STRUCTSIM_* variables"
+    )
+    model.add_argument("--model", default=None, help="ModelScope hub id or local checkpoint directory [STRUCTSIM_MODEL]")
+    model.add_argument("--revision", default=None, help="hub revision (tag or commit) [STRUCTSIM_REVISION]")
+    model.add_argument("--cache-dir", default=None, help="model download cache directory [STRUCTSIM_CACHE_DIR]")
+    model.add_argument(
+        "--offline", action=argparse.BooleanOptionalAction, default=None, help="never contact the model hub [STRUCTSIM_OFFLINE]"
+    )
+    model.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N [STRUCTSIM_DEVICE; default auto]")
+    model.add_argument(
+        "--max-seq-len", type=_bounded(int, 8, 512), default=None, help="tokens per pair [STRUCTSIM_MAX_SEQ_LEN; default 512]"
+    )
     model.add_argument(
         "--gpu-product",
         default=None,
         help="the node's nvidia.com/gpu.product label, recorded in the profile (default: derived from the GPU name)",
-    )
-    model.add_argument(
-        "--max-seq-len", type=_bounded(int, 8, 512), default=512, help="tokens per pair, as `serve` uses (default: 512)"
     )
 
     space = parser.add_argument_group("search space")

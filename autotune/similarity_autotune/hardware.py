@@ -70,14 +70,16 @@ def cpu_model() -> str:
 
 
 def detect_hardware(device: str = "auto", *, gpu_product: str | None = None) -> Hardware:
-    """Describe the device the engine will run on (`device`: auto, cpu, cuda). `gpu_product` overrides
-    the derived label (the operator passes the node's `nvidia.com/gpu.product`, so profiles match its
-    key exactly). Raises `similarity_service.precision.DeviceError` for a device that is not here."""
-    from similarity_service.precision import resolve_device  # the engine's rule; raises DeviceError
+    """Describe the device the engine will run on (`device`: auto, cpu, cuda, cuda:N). `gpu_product`
+    overrides the derived label (the operator passes the node's `nvidia.com/gpu.product`, so profiles
+    match its key exactly). Raises `similarity_service.precision.DeviceError` for a device not here."""
+    from similarity_service.precision import resolve_device  # the engine's rule, so both agree
 
-    if resolve_device(device).type == "cpu":
+    resolved = resolve_device(device)
+    if resolved.type == "cpu":
         return Hardware(device="cpu", name=cpu_model(), cpu_cores=usable_cores())
-    found = _from_nvml() or _from_torch()
+    index = resolved.index or 0
+    found = _from_nvml(index) or _from_torch(index)
     return Hardware(
         device="cuda",
         name=found.name,
@@ -89,31 +91,32 @@ def detect_hardware(device: str = "auto", *, gpu_product: str | None = None) -> 
     )
 
 
-def _torch_device_uuid() -> str | None:
-    """The UUID of the GPU torch uses, so NVML describes that one (NVML ignores CUDA_VISIBLE_DEVICES)."""
+def _nvml_uuid(index: int) -> str | None:
+    """The NVML UUID of torch's device `index`: NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES, so
+    the device is matched by UUID, never by position."""
     import torch
 
-    uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     if uuid is None:
         return None
     text = str(uuid)
     return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
 
 
-def _from_nvml() -> Hardware | None:
+def _from_nvml(index: int) -> Hardware | None:
     try:
         import pynvml
     except ImportError:
+        return None
+    uuid = _nvml_uuid(index)
+    if uuid is None:
         return None
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
         return None
     try:
-        uuid = _torch_device_uuid()
-        handle = (
-            pynvml.nvmlDeviceGetHandleByUUID(uuid) if uuid else pynvml.nvmlDeviceGetHandleByIndex(0)
-        )
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
         major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
         name = pynvml.nvmlDeviceGetName(handle)
         driver = pynvml.nvmlSystemGetDriverVersion()
@@ -124,20 +127,25 @@ def _from_nvml() -> Hardware | None:
         pynvml.nvmlShutdown()
     return Hardware(
         device="cuda",
-        name=name.decode() if isinstance(name, bytes) else str(name),
+        name=_text(name),
         compute_capability=f"{major}.{minor}",
         memory_gib=round(memory / 2**30, 2),
-        driver=driver.decode() if isinstance(driver, bytes) else str(driver),
+        driver=_text(driver),
     )
 
 
-def _from_torch() -> Hardware:
+def _from_torch(index: int) -> Hardware:
     import torch
 
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(index)
     return Hardware(
         device="cuda",
         name=props.name,
         compute_capability=f"{props.major}.{props.minor}",
         memory_gib=round(props.total_memory / 2**30, 2),
     )
+
+
+def _text(value: str | bytes) -> str:
+    """NVML bindings return str, older ones bytes."""
+    return value.decode() if isinstance(value, bytes) else str(value)

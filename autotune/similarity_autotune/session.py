@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TextIO
 
 import msgspec
+import optuna
 
 from similarity_service.corpus import CorpusFormatError, load_corpus, load_pairs_file
 from similarity_service.model import ModelLoadError
 from similarity_service.precision import DeviceError, PrecisionError
-from similarity_service.profile import Profile, decode_profile, encode_profile, write_profile
-from similarity_service.settings import Settings
+from similarity_service.profile import PrecisionAccuracy, Profile, decode_profile, encode_profile, write_profile
+from similarity_service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
 from similarity_autotune.accuracy import AccuracyGuard
 from similarity_autotune.benchmark import LoadGenerator, LoadSettings
@@ -27,8 +31,8 @@ from similarity_autotune.objective import Objective
 from similarity_autotune.plot import plot_trials
 from similarity_autotune.report import ProgressReporter, best_table, study_summary
 from similarity_autotune.result import build_profile, explain_no_feasible
-from similarity_autotune.runtime import ServingRuntime, TunableEngine
-from similarity_autotune.space import build_space, default_config, memory_batch_limit
+from similarity_autotune.runtime import EngineLoader, ServingRuntime, TunableEngine
+from similarity_autotune.space import SearchSpace, build_space, default_config, memory_batch_limit
 from similarity_autotune.study import (
     enqueue_default,
     ensure_accuracy,
@@ -37,6 +41,10 @@ from similarity_autotune.study import (
     run_study,
     study_name,
 )
+
+
+# Serving settings a session takes from flags or the environment exactly as `serve` does.
+SHARED_SETTINGS = ("model", "revision", "cache_dir", "offline", "device", "max_seq_len", "max_batch_tokens", "max_queue_pairs")
 
 
 class TuneInputError(ValueError):
@@ -51,13 +59,15 @@ class NoFeasibleConfig(Exception):
 class TuneOptions:
     """Everything a session needs; `structsim autotune`'s flags map onto it one to one."""
 
-    model: str
+    # Shared with `structsim serve`; None = its STRUCTSIM_* environment variable, else its default.
+    model: str | None = None
     revision: str | None = None
     cache_dir: str | None = None
-    offline: bool = False
-    device: str = "auto"
+    offline: bool | None = None
+    device: str | None = None
+    max_seq_len: int | None = None
+    # Autotune's own.
     gpu_product: str | None = None
-    max_seq_len: int = 512
     precision: str = "auto"
     max_batch_size: int | None = None
     max_wait_ms: float | None = None
@@ -91,20 +101,48 @@ class TuneResult:
     profile: Profile
     profile_json: str  # compact, for the termination log
     table: str
-    study_name: str
+    study: optuna.Study
+    space: SearchSpace
+    accuracy: dict[str, PrecisionAccuracy]
 
 
-def tune(options: TuneOptions, *, stream: TextIO) -> TuneResult:
-    """Run the session; see the module docstring for what it raises."""
-    defaults = Settings()
+def service_settings(options: TuneOptions, env: Mapping[str, str]) -> Settings:
+    """The serving settings trials run with, resolved as `structsim serve` resolves them (flag >
+    STRUCTSIM_* variable > default), so the tune Job measures what its pods will serve."""
+    names = {ENV_PREFIX + name.upper() for name in SHARED_SETTINGS}
+    cli = {name: value for name in SHARED_SETTINGS if (value := getattr(options, name, None)) is not None}
+    try:
+        return load_settings(cli=cli, env={key: value for key, value in env.items() if key in names})
+    except SettingsError as exc:
+        raise TuneInputError(str(exc)) from exc
+
+
+def open_runtime(service: Settings, stream: TextIO) -> ServingRuntime:
+    """The served path as `structsim serve` configures it: engines, batch token budget, queue bound."""
+    return ServingRuntime(
+        engine_loader(service, stream),
+        max_queue_pairs=service.max_queue_pairs,
+        max_batch_tokens=service.max_batch_tokens,
+    )
+
+
+def tune(
+    options: TuneOptions,
+    *,
+    stream: TextIO,
+    env: Mapping[str, str] | None = None,
+    runtime: ServingRuntime | None = None,
+) -> TuneResult:
+    """Run the session; see the module docstring for what it raises. `env` defaults to os.environ.
+
+    A `runtime` passed in (from `open_runtime`) is used and left open, so a caller can measure more
+    configs on the engines the session loaded; otherwise the session opens and closes its own.
+    """
+    service = service_settings(options, os.environ if env is None else env)
     guard = AccuracyGuard(max_abs_error=options.max_abs_error, threshold=options.threshold)
-    with ServingRuntime(
-        _engine_loader(options, stream),
-        max_queue_pairs=defaults.max_queue_pairs,
-        max_batch_tokens=defaults.max_batch_tokens,
-    ) as runtime:
+    with nullcontext(runtime) if runtime is not None else open_runtime(service, stream) as runtime:
         try:
-            hardware = detect_hardware(options.device, gpu_product=options.gpu_product)
+            hardware = detect_hardware(service.device, gpu_product=options.gpu_product)
             workload = _pairs(options.workload)
             validation = _pairs(options.validation)
             reference = runtime.engine("fp32")
@@ -114,7 +152,7 @@ def tune(options: TuneOptions, *, stream: TextIO) -> TuneResult:
                 precision=options.precision,
                 max_batch_size=options.max_batch_size,
                 max_wait_ms=options.max_wait_ms,
-                batch_limit=memory_batch_limit(hardware, info.model_dir, options.max_seq_len),
+                batch_limit=memory_batch_limit(hardware, info.model_dir, service.max_seq_len),
             )
         except (ModelLoadError, PrecisionError, DeviceError, CorpusFormatError, OSError, ValueError) as exc:
             raise TuneInputError(str(exc)) from exc
@@ -123,7 +161,7 @@ def tune(options: TuneOptions, *, stream: TextIO) -> TuneResult:
         name = study_name(
             hardware,
             fingerprint=info.fingerprint,
-            max_seq_len=options.max_seq_len,
+            max_seq_len=service.max_seq_len,
             slo_p99_ms=options.p99_ms,
             space=space,
             guard=guard,
@@ -182,23 +220,28 @@ def tune(options: TuneOptions, *, stream: TextIO) -> TuneResult:
         profile=profile,
         profile_json=msgspec.json.encode(profile).decode(),
         table=best_table(trials, chosen=outcome.best),
-        study_name=name,
+        study=study,
+        space=space,
+        accuracy=accuracy,
     )
 
 
-def _engine_loader(options: TuneOptions, stream: TextIO):  # type: ignore[no-untyped-def]
+def engine_loader(service: Settings, stream: TextIO) -> EngineLoader:
+    """Loads (and warms up) one engine per precision exactly as `structsim serve` would."""
+
     def load(precision: str) -> TunableEngine:
         from similarity_service.runner import Engine  # torch: only when a session runs
 
-        print(f"loading {options.model} in {precision} …", file=stream, flush=True)
+        print(f"loading {service.model} in {precision} …", file=stream, flush=True)
+        # As `structsim serve` loads it (lifespan.load_engine); trials then set max_batch_size.
         engine = Engine.load(
-            options.model,
-            revision=options.revision,
-            cache_dir=options.cache_dir,
-            offline=options.offline,
+            service.model,
+            revision=service.revision,
+            cache_dir=service.cache_dir,
+            offline=service.offline,
             precision=precision,
-            device=options.device,
-            max_seq_len=options.max_seq_len,
+            device=service.device,
+            max_seq_len=service.max_seq_len,
         )
         engine.warmup()
         return engine

@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from similarity_autotune.hardware import Hardware
@@ -87,16 +88,17 @@ class SearchSpace:
             max_wait_ms=min(max(config.max_wait_ms, self.max_wait_ms[0]), self.max_wait_ms[1]),
         )
 
-    def grid(self, batch_sizes: int, waits: int) -> list[ServingConfig]:
-        """An exhaustive grid: every precision × `batch_sizes` log-spaced sizes × `waits` evenly spaced waits."""
-        sizes = sorted({round(v) for v in _log_points(*self.max_batch_size, batch_sizes)})
+    def grid(self, batch_points: int, wait_points: Sequence[float]) -> list[ServingConfig]:
+        """An exhaustive grid: every precision × `batch_points` log-spaced batch sizes × the waits
+        (clamped into the range; duplicates dropped)."""
+        sizes = sorted({round(v) for v in _log_points(*self.max_batch_size, batch_points)})
         low, high = self.max_wait_ms
-        wait_points = sorted({low + (high - low) * i / max(waits - 1, 1) for i in range(waits)})
+        waits = sorted({min(max(float(w), low), high) for w in wait_points})
         return [
             ServingConfig(precision=p, max_batch_size=b, max_wait_ms=w)
             for p in self.precisions
             for b in sizes
-            for w in wait_points
+            for w in waits
         ]
 
     def key(self) -> str:

@@ -91,10 +91,10 @@ def test_the_largest_batch_is_bounded_by_device_memory(tiny_model_dir: Path) -> 
 
 
 def test_the_grid_covers_every_precision_with_log_spaced_batches() -> None:
-    grid = SearchSpace(precisions=("fp32", "fp16")).grid(batch_sizes=11, waits=3)
+    grid = SearchSpace(precisions=("fp32", "fp16")).grid(batch_points=11, wait_points=(0, 2, 10, 50))
     assert {c.max_batch_size for c in grid} == {2**i for i in range(11)}
-    assert {c.max_wait_ms for c in grid} == {0.0, 10.0, 20.0}
-    assert len(grid) == 2 * 11 * 3
+    assert {c.max_wait_ms for c in grid} == {0.0, 2.0, 10.0, 20.0}  # 50 clamped to the range's 20
+    assert len(grid) == 2 * 11 * 4
 
 
 def test_gpu_products_are_spelled_as_the_node_label() -> None:

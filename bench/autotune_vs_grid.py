@@ -1,0 +1,314 @@
+"""How good is `structsim autotune`? Its best config against an exhaustive grid over the same space.
+
+On the synthetic StructBERT-base checkpoint and the project's Chinese corpus, in one run on one card:
+  1. the autotuner as `structsim autotune` runs it (default trial budget and windows, fresh SQLite
+     study), timed end to end: model loads, accuracy guard and trials;
+  2. a grid over the same space (every precision × log-spaced batch sizes × waits), measured by the
+     same objective (so the same load generator, SLO, accuracy guard and pruning of configs whose
+     capacity cannot beat the best so far), sized to fit the time left in the run;
+  3. the two winners re-measured back to back, alternating, with longer windows, so the ratio
+     compares them under the same conditions rather than across two noisy runs.
+Targets: the autotuner's confirmed throughput >= 0.95 of the grid's, and tuning wall time <= 600 s.
+Writes bench/results/autotune_vs_grid-<card>-<date>.json (card, commit, date) and prints a table.
+
+GPU:  python3 bench/autotune_vs_grid.py --out-dir $OUT            (fits one device call of < 9 min)
+CPU:  python3 bench/autotune_vs_grid.py --device cpu --quick      (checks the script, not a benchmark)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "service"), str(REPO / "autotune")]  # runs from a plain checkout too
+
+import msgspec  # noqa: E402
+import optuna  # noqa: E402
+from similarity_service.corpus import load_corpus  # noqa: E402
+
+from similarity_autotune.accuracy import AccuracyGuard  # noqa: E402
+from similarity_autotune.benchmark import LoadGenerator, LoadSettings  # noqa: E402
+from similarity_autotune.objective import BelowBestPruner, Objective  # noqa: E402
+from similarity_autotune.report import ProgressReporter  # noqa: E402
+from similarity_autotune.runtime import ServingRuntime  # noqa: E402
+from similarity_autotune.session import TuneOptions, TuneResult, open_runtime, service_settings, tune  # noqa: E402
+from similarity_autotune.space import SearchSpace, ServingConfig  # noqa: E402
+from similarity_autotune.study import best_trial  # noqa: E402
+
+TARGET_RATIO = 0.95
+TARGET_TUNE_S = 600.0
+# Grid shapes tried, densest first: (batch sizes per precision, waits in ms). The first whose
+# estimated time fits what is left of the budget is run.
+GRID_SHAPES: tuple[tuple[int, tuple[float, ...]], ...] = (
+    (11, (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)),
+    (11, (0.0, 2.0, 5.0, 10.0, 20.0)),
+    (11, (0.0, 2.0, 5.0, 20.0)),
+    (6, (0.0, 2.0, 5.0, 20.0)),
+    (6, (0.0, 2.0, 10.0)),
+    (4, (0.0, 5.0)),
+)
+CONFIRM_ROUNDS = 2  # each winner measured this many times, alternating
+
+
+def git_commit() -> str:
+    """The commit measured: $STRUCTSIM_COMMIT where the tree travelled without .git, else git's HEAD."""
+    if os.environ.get("STRUCTSIM_COMMIT"):
+        return os.environ["STRUCTSIM_COMMIT"]
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def synthetic_model(size: str) -> Path:
+    """The synthetic checkpoint, made once into .cache/models (as `make serve` does)."""
+    from similarity_service.checkpoint import make_checkpoint
+
+    path = REPO / ".cache" / "models" / f"synthetic-{size}"
+    if not (path / "config.json").exists():
+        print(f"making the {size} synthetic checkpoint in {path} …", file=sys.stderr, flush=True)
+        make_checkpoint(path, size)  # type: ignore[arg-type]
+    return path
+
+
+def mean_trial_seconds(study: optuna.Study) -> float:
+    """Average wall time of the tuner's trials (pruned and skipped ones included): the grid's unit cost."""
+    spans = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.trials
+        if t.datetime_start is not None and t.datetime_complete is not None
+    ]
+    return statistics.fmean(spans) if spans else 5.0
+
+
+def choose_grid(space: SearchSpace, seconds_left: float, per_config_s: float) -> list[ServingConfig]:
+    """The densest grid whose estimated time fits; the coarsest one otherwise."""
+    for batch_points, waits in GRID_SHAPES:
+        grid = space.grid(batch_points, waits)
+        if len(grid) * per_config_s <= seconds_left:
+            return grid
+    batch_points, waits = GRID_SHAPES[-1]
+    return space.grid(batch_points, waits)
+
+
+def config_of(params: dict[str, object]) -> ServingConfig:
+    return ServingConfig(
+        precision=str(params["precision"]),
+        max_batch_size=int(params["max_batch_size"]),  # type: ignore[call-overload]
+        max_wait_ms=float(params["max_wait_ms"]),  # type: ignore[arg-type]
+    )
+
+
+def run_grid(
+    options: TuneOptions, tuned: TuneResult, grid: list[ServingConfig], load: LoadGenerator, runtime: ServingRuntime
+) -> tuple[optuna.Study, float]:
+    """Every grid point through the autotuner's own objective (GridSampler instead of TPE)."""
+    guard = AccuracyGuard(max_abs_error=options.max_abs_error, threshold=options.threshold)
+    objective = Objective(
+        space=tuned.space,
+        runtime=runtime,
+        load=load,
+        slo_p99_ms=options.p99_ms,
+        guard=guard,
+        accuracy=tuned.accuracy,
+        observer=ProgressReporter(sys.stderr, bars=False),
+    )
+    search_space = {
+        "precision": sorted({c.precision for c in grid}),
+        "max_batch_size": sorted({c.max_batch_size for c in grid}),
+        "max_wait_ms": sorted({c.max_wait_ms for c in grid}),
+    }
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.GridSampler(search_space, seed=0), pruner=BelowBestPruner()
+    )
+    started = time.perf_counter()
+    study.optimize(objective, n_trials=len(grid))
+    return study, time.perf_counter() - started
+
+
+def confirm(
+    runtime: ServingRuntime, load: LoadGenerator, configs: dict[str, ServingConfig], slo_p99_ms: float
+) -> dict[str, list[float]]:
+    """Re-measure each named config `CONFIRM_ROUNDS` times, alternating, under identical conditions."""
+    results: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(CONFIRM_ROUNDS):
+        for name, config in configs.items():
+            batcher = runtime.batcher(config)
+            measured = runtime.run(
+                load.measure(
+                    batcher,
+                    slo_p99_ms=slo_p99_ms,
+                    max_batch_size=config.max_batch_size,
+                    probe_concurrency=min(2 * config.max_batch_size, runtime.max_queue_pairs),
+                )
+            )
+            results[name].append(measured.throughput)
+            print(f"confirm {name}: {config.label()}: {measured.throughput:,.0f} pairs/s", file=sys.stderr, flush=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the synthetic one, made here)")
+    parser.add_argument("--p99-ms", type=float, default=50.0, help="SLO (default: 50, the resource's default)")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="whole run, so one device call fits (default 510; --quick 60)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the autotuner's sampler seed")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few trials, short windows: checks the script")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    budget_s = args.budget_s or (60.0 if args.quick else 510.0)
+    started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    model = args.model or str(synthetic_model("tiny" if args.quick else "base"))
+    work = Path(tempfile.mkdtemp(prefix="autotune-vs-grid-"))
+    quick = {"trials": 4, "step_seconds": 0.1, "probe_seconds": 0.05, "max_seq_len": 128} if args.quick else {}
+    options = TuneOptions(
+        model=model,
+        device=args.device,
+        p99_ms=args.p99_ms,
+        seed=args.seed,
+        storage=str(work / "study.db"),  # a fresh SQLite study: the default storage kind
+        out=str(work / "profile.json"),
+        **quick,  # type: ignore[arg-type]
+    )
+
+    settings = LoadSettings(step_seconds=options.step_seconds, probe_seconds=options.probe_seconds)
+    confirm_settings = LoadSettings(
+        step_seconds=3 * options.step_seconds, probe_seconds=2 * options.probe_seconds, seed=1
+    )
+    with open_runtime(service_settings(options, os.environ), sys.stderr) as runtime:
+        # 1. The autotuner, as the CLI runs it; its time includes loading the engines it tries.
+        tune_started = time.perf_counter()
+        tuned = tune(options, stream=sys.stderr, runtime=runtime)
+        tune_s = time.perf_counter() - tune_started
+        print(tuned.table, file=sys.stderr)
+        tuner_best = best_trial(tuned.study.trials)
+        assert tuner_best is not None  # tune() raises NoFeasibleConfig otherwise
+
+        # 2. The grid on the same engines, sized to the time left (minus the confirmation's share).
+        per_config_s = mean_trial_seconds(tuned.study)
+        requests = [[pair] for pair in runtime.engine("fp32").encode([row.pair for row in load_corpus()])]
+        confirm_reserve_s = 2 * CONFIRM_ROUNDS * 6 * confirm_settings.step_seconds + 30
+        seconds_left = budget_s - (time.perf_counter() - started) - confirm_reserve_s
+        grid = choose_grid(tuned.space, seconds_left, per_config_s)
+        print(
+            f"grid: {len(grid)} configs (about {per_config_s:.1f} s each, {seconds_left:.0f} s left)",
+            file=sys.stderr,
+            flush=True,
+        )
+        grid_study, grid_s = run_grid(options, tuned, grid, LoadGenerator(requests, settings), runtime)
+        grid_best = best_trial(grid_study.trials)
+        if grid_best is None:
+            print("the grid found no feasible config", file=sys.stderr)
+            return 1
+
+        # 3. Both winners, back to back.
+        winners = {"autotune": config_of(tuner_best.params), "grid": config_of(grid_best.params)}
+        confirmed = confirm(runtime, LoadGenerator(requests, confirm_settings), winners, options.p99_ms)
+
+    tuner_conf, grid_conf = statistics.median(confirmed["autotune"]), statistics.median(confirmed["grid"])
+    ratio = tuner_conf / grid_conf if grid_conf > 0 else float("nan")
+    raw_ratio = (tuner_best.value or 0.0) / (grid_best.value or float("nan"))
+    profile = tuned.profile
+    card = profile.gpu_product or f"cpu-{profile.device_name}"
+    now = datetime.now(UTC)
+    record = {
+        "benchmark": "autotune_vs_grid",
+        "card": card,
+        "device_name": profile.device_name,
+        "compute_capability": profile.compute_capability,
+        "commit": git_commit(),
+        "date": now.isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "model": {"path": model, "fingerprint": profile.fingerprint, "synthetic": args.model is None},
+        "slo_p99_ms": options.p99_ms,
+        "accuracy_guard": {"max_abs_error": options.max_abs_error, "threshold": options.threshold},
+        "accuracy": msgspec.to_builtins(profile.accuracy),
+        "load_settings": asdict(settings),
+        "autotune": {
+            "trials": len(tuned.study.trials),
+            "wall_s": round(tune_s, 1),
+            "best": tuner_best.params,
+            "throughput": tuner_best.value,
+            "p99_ms": tuner_best.user_attrs.get("p99_ms"),
+        },
+        "grid": {
+            "configs": len(grid),
+            "batch_sizes": sorted({c.max_batch_size for c in grid}),
+            "waits_ms": sorted({c.max_wait_ms for c in grid}),
+            "precisions": sorted({c.precision for c in grid}),
+            "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in grid_study.trials),
+            "wall_s": round(grid_s, 1),
+            "best": grid_best.params,
+            "throughput": grid_best.value,
+            "p99_ms": grid_best.user_attrs.get("p99_ms"),
+        },
+        "confirmed": {
+            "load_settings": asdict(confirm_settings),
+            "autotune_pairs_per_s": confirmed["autotune"],
+            "grid_pairs_per_s": confirmed["grid"],
+        },
+        "ratio_confirmed": round(ratio, 4),
+        "ratio_own_runs": round(raw_ratio, 4),
+        "targets": {
+            "ratio": TARGET_RATIO,
+            "ratio_met": ratio >= TARGET_RATIO,
+            "tune_wall_s": TARGET_TUNE_S,
+            "tune_wall_met": tune_s <= TARGET_TUNE_S,
+        },
+        "run_wall_s": round(time.perf_counter() - started, 1),
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / f"autotune_vs_grid-{card.replace(' ', '-')}-{now:%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(table(record))
+    print(f"\nwritten {out}")
+    return 0
+
+
+def table(record: dict) -> str:  # type: ignore[type-arg]
+    """A markdown table for docs/performance.md."""
+
+    def cfg(best: dict) -> str:  # type: ignore[type-arg]
+        return f"{best['precision']}, batch {best['max_batch_size']}, wait {best['max_wait_ms']:.2f} ms"
+
+    a, g, c = record["autotune"], record["grid"], record["confirmed"]
+    rows = [
+        f"autotune vs grid on {record['device_name']} ({record['card']}), commit {record['commit']}, "
+        f"{record['date']}, p99 SLO {record['slo_p99_ms']:g} ms" + (" [QUICK: not a benchmark]" if record["quick"] else ""),
+        "",
+        "| | autotune | grid |",
+        "| --- | --- | --- |",
+        f"| configs measured | {a['trials']} trials | {g['configs']} ({g['pruned']} pruned) |",
+        f"| wall time | {a['wall_s']:.0f} s (loads, accuracy guard, trials) | {g['wall_s']:.0f} s (trials only) |",
+        f"| best config | {cfg(a['best'])} | {cfg(g['best'])} |",
+        f"| best throughput, own run | {a['throughput']:,.0f} pairs/s | {g['throughput']:,.0f} pairs/s |",
+        f"| re-measured back to back (median) | {statistics.median(c['autotune_pairs_per_s']):,.0f} pairs/s "
+        f"| {statistics.median(c['grid_pairs_per_s']):,.0f} pairs/s |",
+        "",
+        f"autotune / grid: {record['ratio_confirmed']:.3f} re-measured, {record['ratio_own_runs']:.3f} from their own runs "
+        f"(target >= {TARGET_RATIO}: {'met' if record['targets']['ratio_met'] else 'NOT met'}); "
+        f"time to tune {a['wall_s']:.0f} s (target <= {TARGET_TUNE_S:.0f} s: "
+        f"{'met' if record['targets']['tune_wall_met'] else 'NOT met'})",
+    ]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
