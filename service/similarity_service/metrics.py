@@ -1,0 +1,123 @@
+"""Prometheus metrics, in a registry owned by one app (never the process-global one).
+
+Per HTTP request: count and latency by route template, method and status (routes only: an unknown
+path is counted by `structsim_rejections_total{reason="not_found"}`). Per forward pass: batch size,
+tokens, each caller's queue wait, inference time. Gauges: queue depth, pairs in flight, readiness.
+GPU memory, utilization and temperature come from gpu_stats when a GPU is present. No torch here.
+"""
+
+from __future__ import annotations
+
+import time
+
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.registry import Collector
+
+from similarity_service.batching import Batcher, BatchRecord
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+PAIR_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 … 4096
+TOKEN_BUCKETS = tuple(float(2**i) for i in range(4, 21))  # 16 … 1M
+
+
+class ServiceMetrics:
+    """Every metric the service exports, registered in `self.registry`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "structsim_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "structsim_http_request_duration_seconds",
+            "Time from request received to response sent",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejections = Counter(
+            "structsim_rejections", "Requests answered with an error, by reason", ["reason"], registry=r
+        )
+        self.queue_pairs = Gauge("structsim_queue_pairs", "Pairs waiting for a forward pass", registry=r)
+        self.in_flight_pairs = Gauge("structsim_in_flight_pairs", "Pairs in the forward pass now running", registry=r)
+        self.batch_size = Histogram(
+            "structsim_batch_size_pairs", "Pairs per forward pass", buckets=PAIR_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "structsim_batch_tokens", "Tokens per forward pass (sum of pair lengths)", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "structsim_queue_wait_seconds",
+            "Time a request's pairs waited before their forward pass started",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "structsim_inference_duration_seconds", "Time of one forward pass", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.pairs = Counter("structsim_pairs_scored", "Pairs scored", registry=r)
+        self.tokens = Counter("structsim_tokens_scored", "Tokens scored (rate() gives tokens/s)", registry=r)
+        self.failed_batches = Counter("structsim_failed_batches", "Forward passes that raised", registry=r)
+        self.ready = Gauge("structsim_ready", "1 while the service admits requests", registry=r)
+        self.model = Info("structsim_model", "The model being served", registry=r)
+
+    def count_rejection(self, status: int, code: str) -> None:
+        self.rejections.labels(reason=code).inc()
+
+    def observe_batch(self, record: BatchRecord) -> None:
+        """The batcher's `on_batch` observer."""
+        if record.failed:
+            self.failed_batches.inc()
+            return
+        self.batch_size.observe(record.size)
+        self.batch_tokens.observe(record.tokens)
+        self.inference.observe(record.inference_s)
+        for wait in record.queue_waits_s:
+            self.queue_wait.observe(wait)
+        self.pairs.inc(record.size)
+        self.tokens.inc(record.tokens)
+
+    def watch_batcher(self, batcher: Batcher) -> None:
+        """Read the queue gauges from the batcher at scrape time."""
+        self.queue_pairs.set_function(lambda: batcher.stats.queued_pairs)
+        self.in_flight_pairs.set_function(lambda: batcher.stats.in_flight_pairs)
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def remove_collector(self, collector: Collector) -> None:
+        self.registry.unregister(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestMetricsMiddleware(ASGIMiddleware):
+    """Counts and times every request that reached a route, labelled by its path template."""
+
+    scopes = (ScopeType.HTTP,)
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        started = time.perf_counter()
+        status = 500  # if nothing is sent at all
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("path_template", scope["path"])
+            method = scope["method"]
+            self.metrics.requests.labels(route=route, method=method, status=str(status)).inc()
+            self.metrics.request_seconds.labels(route=route, method=method).observe(time.perf_counter() - started)
