@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
 
+from similarity_service.commands import serve
 from similarity_service.profile import read_profile
 from similarity_service.settings import Settings, load_settings
 
@@ -39,8 +41,10 @@ def test_small_study_writes_a_profile_that_serve_accepts(autotune: Autotune, tmp
     assert len(termination_log.read_bytes()) < 4096
     assert plot.read_bytes().startswith(b"\x89PNG")
 
-    # `structsim serve --profile` resolves its settings through this loader.
-    settings = load_settings(cli={"profile": str(tmp_path / "profile.json")})
+    # `structsim serve --profile FILE` accepts it: serve's own flags, then its settings loader.
+    serve_flags = argparse.ArgumentParser()
+    serve.configure(serve_flags)
+    settings = load_settings(vars(serve_flags.parse_args(["--profile", str(tmp_path / "profile.json")])), {})
     assert (settings.precision, settings.max_batch_size, settings.max_wait_ms) == (
         profile.precision,
         profile.max_batch_size,
