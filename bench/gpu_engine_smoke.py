@@ -75,7 +75,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def run_precision(model_dir: Path, precision: str, device: str, pairs: list[tuple[str, str]], repeats: int) -> dict[str, Any]:
+def run_precision(
+    model_dir: Path, precision: str, device: str, pairs: list[tuple[str, str]], repeats: int
+) -> dict[str, Any]:
     """Load, warm up and time one precision; returns its scores and timings."""
     started = time.perf_counter()
     engine = Engine.load(model_dir, precision=precision, device=device)
@@ -121,7 +123,12 @@ def capability_refusal(device: str, device_name: str) -> dict[str, Any]:
     simulated["supported"] = supported_precisions("cuda", capability=SIMULATED_CAPABILITY)
     simulated["auto"] = resolve_precision("auto", "cuda", capability=SIMULATED_CAPABILITY)
     try:
-        resolve_precision("bf16", device if device.startswith("cuda") else "cuda:0", capability=SIMULATED_CAPABILITY, device_name=device_name)
+        resolve_precision(
+            "bf16",
+            device if device.startswith("cuda") else "cuda:0",
+            capability=SIMULATED_CAPABILITY,
+            device_name=device_name,
+        )
     except PrecisionError as exc:
         simulated["bf16_refused"] = str(exc)
     else:
@@ -191,7 +198,9 @@ def main() -> int:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"{report['card']} (capability {report['compute_capability']}), torch {report['torch']}, commit {report['commit']}")
+    print(
+        f"{report['card']} (capability {report['compute_capability']}), torch {report['torch']}, commit {report['commit']}"
+    )
     print(
         f"{report['model']}; {report['pairs']} corpus pairs, {report['mean_tokens_per_pair']} tokens on average; "
         f"checkpoint made in {report['make_checkpoint_s']} s"
@@ -210,7 +219,9 @@ def print_report(report: dict[str, Any]) -> None:
             f"{result['load_s']:7.2f} {result['warmup_s']:9.2f}"
         )
     simulated = report["simulated_capability_7_5"]
-    print(f"\nsimulated capability {simulated['capability']}: supports {', '.join(simulated['supported'])}; auto = {simulated['auto']}")
+    print(
+        f"\nsimulated capability {simulated['capability']}: supports {', '.join(simulated['supported'])}; auto = {simulated['auto']}"
+    )
     print(f"bf16 asked for: {simulated['bf16_refused']}")
 
 

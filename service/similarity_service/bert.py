@@ -119,11 +119,15 @@ class BertSimilarity(nn.Module):
         # Stays fp32 (see `keep_head_fp32`): the logit difference is where low precision would hurt most.
         self.head = nn.Linear(hidden, 1)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """input_ids, token_type_ids: [B, L] integer; attention_mask: [B, L] bool. Returns fp32 logits [B]."""
         return self.head(self.pooled(input_ids, token_type_ids, attention_mask).float()).squeeze(-1)
 
-    def pooled(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pooled(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """The pooler's output [B, H] (tanh of a dense layer over the last [CLS] state), in the model's dtype."""
         length = input_ids.shape[1]
         x = (

@@ -111,7 +111,9 @@ def build_vocab() -> list[str]:
     tokens = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokens += list(string.punctuation + string.digits + string.ascii_lowercase)
     tokens += list("·×÷°±§¥£€©®™‰′″※–—‘’“”…‖→←↑↓①②③④⑤⑥⑦⑧⑨⑩■□▲△●○◆◇★☆²³")
-    tokens += [chr(c) for c in (*range(0x3001, 0x3012), *range(0x3014, 0x301C))]  # 、。〃〄々〆〇〈〉《》「」『』【】〔〕…
+    tokens += [
+        chr(c) for c in (*range(0x3001, 0x3012), *range(0x3014, 0x301C))
+    ]  # 、。〃〄々〆〇〈〉《》「」『』【】〔〕…
     full_width = [chr(c) for c in range(0xFF01, 0xFF5F) if not 0xFF21 <= c <= 0xFF3A]  # upper case is lowercased
     tokens += full_width
     hanzi = _gb2312_hanzi()

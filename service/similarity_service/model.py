@@ -123,7 +123,8 @@ def read_config(model_dir: Path) -> tuple[BertConfig, int]:
     model_type = raw.get("model_type")
     if model_type not in BERT_MODEL_TYPES:
         raise UnsupportedModelError(
-            f"{path}: model_type {model_type!r} is not a BERT-family model (expected one of {', '.join(BERT_MODEL_TYPES)})"
+            f"{path}: model_type {model_type!r} is not a BERT-family model "
+            f"(expected one of {', '.join(BERT_MODEL_TYPES)})"
         )
     architectures = raw.get("architectures") or []
     if architectures and not any(str(name).endswith("ForSequenceClassification") for name in architectures):
@@ -157,7 +158,8 @@ def _positive_label_index(raw: dict[str, Any], path: Path) -> int:
     positive = [index for index, label in labels.items() if label == POSITIVE_LABEL]
     if not positive:
         raise UnsupportedModelError(
-            f"{path}: no label {POSITIVE_LABEL!r} (similar) in id2label {labels}; this is not a sentence-similarity model"
+            f"{path}: no label {POSITIVE_LABEL!r} (similar) in id2label {labels}; "
+            "this is not a sentence-similarity model"
         )
     return positive[0]
 

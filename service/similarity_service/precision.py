@@ -40,7 +40,7 @@ class DeviceFacts:
 
 
 def resolve_device(device: str = AUTO) -> torch.device:
-    """"auto" → the current CUDA device if there is one, else the CPU; "cuda" → "cuda:<current>"."""
+    """ "auto" → the current CUDA device if there is one, else the CPU; "cuda" → "cuda:<current>"."""
     if device == AUTO:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

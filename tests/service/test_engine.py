@@ -154,7 +154,9 @@ def test_scoring_from_several_threads_is_safe(tiny_engine: Engine, chinese_pairs
     assert all(result == pytest.approx(expected, abs=1e-6) for result in results)
 
 
-def test_label_map_decides_which_probability_is_similarity(tmp_path: Path, tiny_model_dir: Path, tiny_engine: Engine) -> None:
+def test_label_map_decides_which_probability_is_similarity(
+    tmp_path: Path, tiny_model_dir: Path, tiny_engine: Engine
+) -> None:
     """A checkpoint whose label "1" is row 0 (rows and labels swapped together) scores the same."""
     import json
     import shutil

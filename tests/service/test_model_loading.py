@@ -46,7 +46,13 @@ def _load(model: str | Path, **kwargs: Any) -> Engine:
 
 
 def test_every_loading_error_is_a_model_load_error() -> None:
-    for error in (ModelNotFoundError, MissingModelFilesError, UnsupportedModelError, HubDownloadError, CorruptWeightsError):
+    for error in (
+        ModelNotFoundError,
+        MissingModelFilesError,
+        UnsupportedModelError,
+        HubDownloadError,
+        CorruptWeightsError,
+    ):
         assert issubclass(error, ModelLoadError)
 
 
@@ -154,7 +160,9 @@ def test_truncated_safetensors(model_copy: Path) -> None:
 
 def test_vocab_without_special_tokens(model_copy: Path) -> None:
     (model_copy / "vocab.txt").write_text("a\nb\nc\n")
-    with pytest.raises(UnsupportedModelError, match="vocab.txt lacks the special token\\(s\\) \\[UNK\\], \\[CLS\\], \\[SEP\\]"):
+    with pytest.raises(
+        UnsupportedModelError, match="vocab.txt lacks the special token\\(s\\) \\[UNK\\], \\[CLS\\], \\[SEP\\]"
+    ):
         _load(model_copy)
 
 
@@ -177,7 +185,9 @@ def test_hub_id_goes_through_modelscope_snapshot_download(
         return str(tiny_model_dir)
 
     monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
-    engine = _load("iic/nlp_structbert_sentence-similarity_chinese-base", revision="v1.0.1", cache_dir="/cache", offline=True)
+    engine = _load(
+        "iic/nlp_structbert_sentence-similarity_chinese-base", revision="v1.0.1", cache_dir="/cache", offline=True
+    )
     assert calls == [
         (
             "iic/nlp_structbert_sentence-similarity_chinese-base",
@@ -195,7 +205,10 @@ def test_offline_mode_with_an_empty_cache_says_so(tmp_path: Path) -> None:
     with pytest.raises(HubDownloadError) as caught:
         _load("iic/nlp_structbert_sentence-similarity_chinese-base", cache_dir=str(tmp_path), offline=True)
     message = str(caught.value)
-    assert "could not get model 'iic/nlp_structbert_sentence-similarity_chinese-base' in the local cache (offline mode)" in message
+    assert (
+        "could not get model 'iic/nlp_structbert_sentence-similarity_chinese-base' in the local cache (offline mode)"
+        in message
+    )
     assert "To use a local copy, pass its directory" in message
 
 
@@ -224,7 +237,10 @@ def test_unreachable_hub_is_a_clear_error_naming_the_id(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
     assert result.returncode == 3, result.stderr
     message = result.stdout
-    assert "could not get model 'iic/nlp_structbert_sentence-similarity_chinese-base' (revision v1.0.1) from the ModelScope hub" in message
+    assert (
+        "could not get model 'iic/nlp_structbert_sentence-similarity_chinese-base' (revision v1.0.1) from the ModelScope hub"
+        in message
+    )
     assert f"127.0.0.1', port={port}" in message  # the cause, as modelscope reports it
     assert "To use a local copy, pass its directory" in message
 

@@ -66,7 +66,10 @@ def test_engine_equals_modelscope_model_class(
     inputs = [modelscope_pipeline.preprocess(pair) for pair in parity_pairs]
     with torch.no_grad():
         logits = modelscope_model(
-            **{key: torch.cat([item[key] for item in inputs]) for key in ("input_ids", "token_type_ids", "attention_mask")}
+            **{
+                key: torch.cat([item[key] for item in inputs])
+                for key in ("input_ids", "token_type_ids", "attention_mask")
+            }
         )["logits"]
     expected = torch.softmax(logits.float(), dim=-1)[:, label_index].tolist()
     differences = [abs(ours - theirs) for ours, theirs in zip(engine_scores, expected, strict=True)]

@@ -29,5 +29,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"structsim make-checkpoint: cannot write {args.out}: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote a synthetic {args.size} StructBERT checkpoint (seed {args.seed}; random weights, not semantic) to {out}")
+    print(
+        f"wrote a synthetic {args.size} StructBERT checkpoint (seed {args.seed}; random weights, not semantic) to {out}"
+    )
     return 0

@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv"}
+FORMATS_BY_SUFFIX = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+}
 REQUIRED = ("sentence1", "sentence2")
 SCORE_FIELD = "similarity"
 PROGRESS_MIN_PAIRS = 1000  # shorter inputs finish before a progress bar would tell anything
@@ -65,7 +72,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, help="pairs per forward pass (default: the engine's)")
-    parser.add_argument("--max-seq-len", type=positive_int, default=512, help="tokens per pair, truncated longest-first")
+    parser.add_argument(
+        "--max-seq-len", type=positive_int, default=512, help="tokens per pair, truncated longest-first"
+    )
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
     parser.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     parser.add_argument(
@@ -222,7 +231,9 @@ def _score_and_write(engine: Any, rows: Rows, out: TextIO, output_format: str, p
     writer = _writer(out, output_format, rows.records)
     chunk = 1024  # pairs per engine call: the progress bar's step; the engine batches within it
     # disable=None lets tqdm decide: a bar only when stderr is a terminal.
-    with tqdm(total=len(rows.pairs), unit="pair", file=sys.stderr, disable=None if progress is None else not progress) as bar:
+    with tqdm(
+        total=len(rows.pairs), unit="pair", file=sys.stderr, disable=None if progress is None else not progress
+    ) as bar:
         for start in range(0, len(rows.pairs), chunk):
             scores = engine.score(rows.pairs[start : start + chunk])
             for record, score in zip(rows.records[start : start + chunk], scores, strict=True):
@@ -239,7 +250,10 @@ def _writer(out: TextIO, output_format: str, records: list[dict[str, Any]]) -> A
 
     def write(record: dict[str, Any]) -> None:
         csv_writer.writerow(
-            {key: value if isinstance(value, str | int | float) else json.dumps(value, ensure_ascii=False) for key, value in record.items()}
+            {
+                key: value if isinstance(value, str | int | float) else json.dumps(value, ensure_ascii=False)
+                for key, value in record.items()
+            }
         )
 
     return write
