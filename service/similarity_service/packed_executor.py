@@ -1,7 +1,8 @@
 """Runs packed forwards on a CUDA device: host packing, one copy per call, CUDA graphs for small batches.
 
-A call (a list of encoded pairs) is packed on the host once, copied to the device once, cut into
-sub-batches of at most `max_tokens` real tokens, launched back to back, and synchronized once.
+A call (a list of encoded pairs) is sorted by length and cut into sub-batches of at most `max_tokens`
+real tokens; each is packed on the host and copied in one piece just before its launch (so packing
+overlaps the device's work), the forwards run back to back, and the call synchronizes once.
 
 Small calls are launch-bound: BERT-base is ~150 kernels of a few microseconds each. For them the
 executor replays a CUDA graph captured per (token bucket, sequence bucket): the inputs go into a
@@ -91,6 +92,7 @@ class PackedExecutor:
         compile_model: bool = False,
         residual_fp32: bool = True,
     ) -> None:
+        model.requires_grad_(False)  # inference only: no autograd state, even outside inference_mode
         self._weights = PackedWeights.of(model, residual_fp32=residual_fp32)
         self._device = device
         self._attention = attention
@@ -123,8 +125,7 @@ class PackedExecutor:
                 return self._replay(*pack(items), bucket)
             # Length-sorted sub-batches: each forward's longest pair sets its attention grid (max_len).
             order = sorted(range(len(items)), key=lambda index: len(items[index].input_ids))
-            block, cu = pack([items[index] for index in order])
-            sorted_scores = self._run_eager(block, cu, max_tokens, max_pairs)
+            sorted_scores = self._run_eager([items[index] for index in order], max_tokens, max_pairs)
         scores = [0.0] * len(items)
         for position, index in enumerate(order):
             scores[index] = sorted_scores[position]
@@ -149,22 +150,23 @@ class PackedExecutor:
             self._forward = packed_probabilities
             return packed_probabilities(*args)
 
-    def _run_eager(self, block: np.ndarray, cu: np.ndarray, max_tokens: int, max_pairs: int) -> list[float]:
-        ranges = split_by_tokens(cu, max_tokens, max_pairs)
-        sub_offsets = [cu[start : end + 1] - cu[start] for start, end in ranges]
-        tokens = block.shape[1]
-        host = torch.empty(3 * tokens + sum(len(o) for o in sub_offsets), dtype=torch.int32, pin_memory=self._pin)
-        host_np = host.numpy()
-        host_np[: 3 * tokens] = block.reshape(-1)
-        host_np[3 * tokens :] = np.concatenate(sub_offsets)
-        on_device = host.to(self._device, non_blocking=self._pin)
-        rows = on_device[: 3 * tokens].view(3, tokens)
-        outputs, offset = [], 3 * tokens
-        for (start, end), offsets in zip(ranges, sub_offsets, strict=True):
-            sub_cu = on_device[offset : offset + len(offsets)]
-            offset += len(offsets)
-            max_len = int(np.diff(offsets).max())
-            outputs.append(self._call(rows[:, cu[start] : cu[end]], sub_cu, max_len))
+    def _run_eager(self, items: Sequence[EncodedPair], max_tokens: int, max_pairs: int) -> list[float]:
+        """Forwards launched back to back, one read-back at the end. Each sub-batch is packed and copied
+        just before its launch, so the host packs the next one while the device runs this one."""
+        lengths = np.fromiter((len(item.input_ids) for item in items), dtype=np.int64, count=len(items))
+        cu = np.concatenate(([0], np.cumsum(lengths)))
+        outputs = []
+        for start, end in split_by_tokens(cu, max_tokens, max_pairs):
+            block, offsets = pack(items[start:end])
+            tokens = block.shape[1]
+            # A fresh pinned buffer each time: the caching host allocator reuses it only once its copy is done.
+            host = torch.empty(3 * tokens + len(offsets), dtype=torch.int32, pin_memory=self._pin)
+            host_np = host.numpy()
+            host_np[: 3 * tokens] = block.reshape(-1)
+            host_np[3 * tokens :] = offsets
+            on_device = host.to(self._device, non_blocking=self._pin)
+            max_len = int(lengths[start:end].max())
+            outputs.append(self._call(on_device[: 3 * tokens].view(3, tokens), on_device[3 * tokens :], max_len))
         return torch.cat(outputs).cpu().tolist()
 
     def _static_views(self, tokens: int, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:

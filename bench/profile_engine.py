@@ -1,0 +1,99 @@
+"""Where does a packed fp16 call spend its time? Host stages vs device time, one call at a time.
+
+Splits `Engine.score_encoded` on the packed path into its stages (sort + pack on the host, the copy,
+the forwards, the read-back) and times each with a device sync in between, for a large call (the
+corpus x8) and for one pair; also the device time of the forwards alone (CUDA events) and of one
+graph replay. Not a benchmark of record: a map for the next optimization (METHOD.md).
+
+GPU:  python3 bench/profile_engine.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from similarity_service.checkpoint import make_checkpoint
+from similarity_service.corpus import load_corpus
+from similarity_service.packed_executor import graph_bucket, pack, split_by_tokens
+from similarity_service.runner import Engine
+
+
+def timed(fn, reps: int = 5) -> float:
+    """Median wall ms of fn() with the device synchronized before and after."""
+    out = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fp16-residual", action="store_true")
+    args = parser.parse_args()
+    model_dir = make_checkpoint(Path(tempfile.mkdtemp()) / "base", "base", seed=0)
+    engine = Engine.load(model_dir, precision="fp16", device="cuda", compile_model=args.compile,
+                         residual_fp32=not args.fp16_residual)
+    engine.warmup()
+    executor = engine._packed  # noqa: SLF001 - a profile looks inside
+    pairs = [p.pair for p in load_corpus()] * 8
+    items = engine.encode(pairs)
+    report: dict = {"pairs": len(items), "compile": args.compile, "fp16_residual": args.fp16_residual}
+
+    report["encode_ms"] = timed(lambda: engine.encode(pairs), 3)
+    report["score_encoded_ms"] = timed(lambda: engine.score_encoded(items), 3)
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    report["sort_ms"] = timed(lambda: sorted(range(len(items)), key=lambda i: len(items[i].input_ids)), 3)
+    ordered = [items[i] for i in order]
+    report["pack_ms"] = timed(lambda: pack(ordered), 3)
+    block, cu = pack(ordered)
+    ranges = split_by_tokens(cu, engine.max_batch_tokens, engine.max_batch_size)
+    report["sub_batches"] = len(ranges)
+    with torch.inference_mode():  # as `run` does
+        report["run_eager_ms"] = timed(
+            lambda: executor._run_eager(ordered, engine.max_batch_tokens, engine.max_batch_size), 3
+        )
+
+    # device-resident inputs: the forwards alone
+    dev = torch.from_numpy(block).cuda()
+    subs = [(dev[:, cu[s]:cu[e]], torch.from_numpy(cu[s:e + 1] - cu[s]).cuda(), int(np.diff(cu[s:e + 1]).max()))
+            for s, e in ranges]
+
+    def forwards() -> None:
+        with torch.inference_mode():
+            for b, c, m in subs:
+                executor._call(b, c, m)
+
+    report["forwards_only_ms"] = timed(forwards, 5)
+    report["forwards_only_pairs_s"] = len(items) / (report["forwards_only_ms"] / 1e3)
+    report["score_encoded_pairs_s"] = len(items) / (report["score_encoded_ms"] / 1e3)
+
+    # one pair
+    one = items[:1]
+    tokens = len(one[0].input_ids)
+    bucket = graph_bucket(tokens, 1)
+    graph, _ = executor._graphs[bucket]
+    report["one_pair_tokens"] = tokens
+    report["one_pair_bucket"] = bucket
+    report["replay_only_ms"] = timed(graph.replay, 200)
+    report["one_score_encoded_ms"] = timed(lambda: engine.score_encoded(one), 200)
+    report["one_score_ms"] = timed(lambda: engine.score([pairs[0]]), 200)
+    report["one_encode_ms"] = timed(lambda: engine.encode([pairs[0]]), 200)
+    report["one_pack_ms"] = timed(lambda: pack(one), 200)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
