@@ -7,8 +7,9 @@ A reading a device does not support (utilization on a MIG slice, say) is skipped
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 import pynvml
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -48,32 +49,32 @@ class GpuStats(Collector):
 
     def collect(self) -> Iterator[Metric]:
         nvml = self._nvml
-        labels = ["gpu", "name"]
-        used = GaugeMetricFamily("structsim_gpu_memory_used_bytes", "GPU memory in use", labels=labels)
-        total = GaugeMetricFamily("structsim_gpu_memory_total_bytes", "GPU memory size", labels=labels)
-        util = GaugeMetricFamily("structsim_gpu_utilization_ratio", "Share of the last sample period the GPU was busy", labels=labels)
-        temp = GaugeMetricFamily("structsim_gpu_temperature_celsius", "GPU core temperature", labels=labels)
+        keys = ["gpu", "name"]
+        used = GaugeMetricFamily("structsim_gpu_memory_used_bytes", "GPU memory in use", labels=keys)
+        total = GaugeMetricFamily("structsim_gpu_memory_total_bytes", "GPU memory size", labels=keys)
+        util = GaugeMetricFamily("structsim_gpu_utilization_ratio", "Share of the last sample the GPU was busy", labels=keys)
+        temp = GaugeMetricFamily("structsim_gpu_temperature_celsius", "GPU core temperature", labels=keys)
         for index, name in enumerate(self._names):
-            values = [str(index), name]
-            try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            except nvml.NVMLError:
+            labels = [str(index), name]
+            handle = _read(nvml, nvml.nvmlDeviceGetHandleByIndex, index)
+            if handle is None:
                 continue
-            for reading in (
-                lambda: _add_memory(used, total, values, nvml.nvmlDeviceGetMemoryInfo(handle)),
-                lambda: util.add_metric(values, nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100),
-                lambda: temp.add_metric(values, nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
-            ):
-                try:
-                    reading()
-                except nvml.NVMLError:
-                    pass  # not supported on this device
+            if (memory := _read(nvml, nvml.nvmlDeviceGetMemoryInfo, handle)) is not None:
+                used.add_metric(labels, memory.used)
+                total.add_metric(labels, memory.total)
+            if (rates := _read(nvml, nvml.nvmlDeviceGetUtilizationRates, handle)) is not None:
+                util.add_metric(labels, rates.gpu / 100)
+            if (celsius := _read(nvml, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)) is not None:
+                temp.add_metric(labels, celsius)
         yield from (used, total, util, temp)
 
 
-def _add_memory(used: GaugeMetricFamily, total: GaugeMetricFamily, labels: list[str], memory: object) -> None:
-    used.add_metric(labels, memory.used)  # type: ignore[attr-defined]
-    total.add_metric(labels, memory.total)  # type: ignore[attr-defined]
+def _read(nvml: ModuleType, call: Callable[..., Any], *args: Any) -> Any:
+    """One NVML reading, or None where the device does not support it (utilization on a MIG slice, say)."""
+    try:
+        return call(*args)
+    except nvml.NVMLError:
+        return None
 
 
 def _text(value: str | bytes) -> str:

@@ -269,8 +269,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 spec.flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
         else:
-            metavar = "{" + ",".join(spec.choices) + "}" if spec.choices else spec.name.upper()
-            parser.add_argument(spec.flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+            metavar = None if spec.choices else spec.name.upper()
+            parser.add_argument(
+                spec.flag, default=argparse.SUPPRESS, choices=spec.choices, metavar=metavar, help=help_text
+            )
 
 
 def _show(value: object) -> str:
