@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from similarity_service.corpus import load_corpus  # noqa: E402
 
 from similarity_autotune.accuracy import AccuracyGuard  # noqa: E402
 from similarity_autotune.benchmark import LoadGenerator, LoadSettings  # noqa: E402
-from similarity_autotune.objective import BelowBestPruner, Objective  # noqa: E402
+from similarity_autotune.objective import ATTR_SKIPPED, BelowBestPruner, Objective  # noqa: E402
 from similarity_autotune.report import ProgressReporter  # noqa: E402
 from similarity_autotune.runtime import ServingRuntime  # noqa: E402
 from similarity_autotune.session import TuneOptions, TuneResult, open_runtime, service_settings, tune  # noqa: E402
@@ -84,17 +84,19 @@ def synthetic_model(size: str) -> Path:
 
 
 def mean_trial_seconds(study: optuna.Study) -> float:
-    """Average wall time of the tuner's trials (pruned and skipped ones included): the grid's unit cost."""
+    """Average wall time of the tuner's measured trials (pruned ones included; those the accuracy guard
+    skipped excluded): the grid's cost per config."""
     spans = [
         (t.datetime_complete - t.datetime_start).total_seconds()
         for t in study.trials
-        if t.datetime_start is not None and t.datetime_complete is not None
+        if t.datetime_start is not None and t.datetime_complete is not None and ATTR_SKIPPED not in t.user_attrs
     ]
     return statistics.fmean(spans) if spans else 5.0
 
 
 def choose_grid(space: SearchSpace, seconds_left: float, per_config_s: float) -> list[ServingConfig]:
-    """The densest grid whose estimated time fits; the coarsest one otherwise."""
+    """The densest grid whose estimated time fits; the coarsest one otherwise. `space` holds only the
+    admissible precisions: the others are infeasible at every grid point."""
     for batch_points, waits in GRID_SHAPES:
         grid = space.grid(batch_points, waits)
         if len(grid) * per_config_s <= seconds_left:
@@ -112,7 +114,12 @@ def config_of(params: dict[str, object]) -> ServingConfig:
 
 
 def run_grid(
-    options: TuneOptions, tuned: TuneResult, grid: list[ServingConfig], load: LoadGenerator, runtime: ServingRuntime
+    options: TuneOptions,
+    tuned: TuneResult,
+    grid: list[ServingConfig],
+    load: LoadGenerator,
+    runtime: ServingRuntime,
+    seconds_left: float,
 ) -> tuple[optuna.Study, float]:
     """Every grid point through the autotuner's own objective (GridSampler instead of TPE)."""
     guard = AccuracyGuard(max_abs_error=options.max_abs_error, threshold=options.threshold)
@@ -134,7 +141,8 @@ def run_grid(
         direction="maximize", sampler=optuna.samplers.GridSampler(search_space, seed=0), pruner=BelowBestPruner()
     )
     started = time.perf_counter()
-    study.optimize(objective, n_trials=len(grid))
+    # The deadline keeps the run inside one device call; a grid cut short says so in the results.
+    study.optimize(objective, n_trials=len(grid), timeout=max(seconds_left, 1.0))
     return study, time.perf_counter() - started
 
 
@@ -165,13 +173,13 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the synthetic one, made here)")
     parser.add_argument("--p99-ms", type=float, default=50.0, help="SLO (default: 50, the resource's default)")
     parser.add_argument(
-        "--budget-s", type=float, default=None, help="whole run, so one device call fits (default 510; --quick 60)"
+        "--budget-s", type=float, default=None, help="whole run, so one device call fits (default 510; --quick 120)"
     )
     parser.add_argument("--seed", type=int, default=0, help="the autotuner's sampler seed")
     parser.add_argument("--quick", action="store_true", help="tiny model, few trials, short windows: checks the script")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
-    budget_s = args.budget_s or (60.0 if args.quick else 510.0)
+    budget_s = args.budget_s or (120.0 if args.quick else 510.0)
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -206,13 +214,14 @@ def main() -> int:
         requests = [[pair] for pair in runtime.engine("fp32").encode([row.pair for row in load_corpus()])]
         confirm_reserve_s = 2 * CONFIRM_ROUNDS * 6 * confirm_settings.step_seconds + 30
         seconds_left = budget_s - (time.perf_counter() - started) - confirm_reserve_s
-        grid = choose_grid(tuned.space, seconds_left, per_config_s)
+        admissible = tuple(p for p in tuned.space.precisions if tuned.accuracy[p].admissible)
+        grid = choose_grid(replace(tuned.space, precisions=admissible), seconds_left, per_config_s)
         print(
             f"grid: {len(grid)} configs (about {per_config_s:.1f} s each, {seconds_left:.0f} s left)",
             file=sys.stderr,
             flush=True,
         )
-        grid_study, grid_s = run_grid(options, tuned, grid, LoadGenerator(requests, settings), runtime)
+        grid_study, grid_s = run_grid(options, tuned, grid, LoadGenerator(requests, settings), runtime, seconds_left)
         grid_best = best_trial(grid_study.trials)
         if grid_best is None:
             print("the grid found no feasible config", file=sys.stderr)
@@ -250,6 +259,7 @@ def main() -> int:
         },
         "grid": {
             "configs": len(grid),
+            "measured": len(grid_study.trials),  # fewer than configs if the deadline cut the grid short
             "batch_sizes": sorted({c.max_batch_size for c in grid}),
             "waits_ms": sorted({c.max_wait_ms for c in grid}),
             "precisions": sorted({c.precision for c in grid}),
@@ -295,7 +305,8 @@ def table(record: dict) -> str:  # type: ignore[type-arg]
         "",
         "| | autotune | grid |",
         "| --- | --- | --- |",
-        f"| configs measured | {a['trials']} trials | {g['configs']} ({g['pruned']} pruned) |",
+        f"| configs measured | {a['trials']} trials | {g['measured']} of a {g['configs']}-point grid "
+        f"({g['pruned']} pruned) |",
         f"| wall time | {a['wall_s']:.0f} s (loads, accuracy guard, trials) | {g['wall_s']:.0f} s (trials only) |",
         f"| best config | {cfg(a['best'])} | {cfg(g['best'])} |",
         f"| best throughput, own run | {a['throughput']:,.0f} pairs/s | {g['throughput']:,.0f} pairs/s |",
