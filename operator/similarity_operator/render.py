@@ -229,6 +229,13 @@ def _models_volume(spec: Spec) -> dict[str, Any]:
     return {"name": "models", "emptyDir": {}}
 
 
+def _model_args(spec: Spec) -> list[str]:
+    """The model flags serve and autotune share. `--offline` only when asked for, so a spec that
+    does not use it renders the same args as before the field existed (no rollout on upgrade)."""
+    args = ["--model", spec.model.id, "--revision", spec.model.revision]
+    return [*args, "--offline"] if spec.model.offline else args
+
+
 def _tolerations(spec: Spec) -> list[dict[str, Any]]:
     return [msgspec.to_builtins(toleration) for toleration in spec.tolerations]
 
@@ -257,10 +264,7 @@ def render_daemonset(owner: Owner, spec: Spec, product_label: str, config: Servi
     pod_labels = {**labels(owner, COMPONENT_SERVER, product_label), **selector}
     args = [
         "serve",
-        "--model",
-        spec.model.id,
-        "--revision",
-        spec.model.revision,
+        *_model_args(spec),
         *config.args,
         "--host",
         "0.0.0.0",
@@ -334,10 +338,7 @@ def tune_args(spec: Spec, hardware: str) -> list[str]:
     """`structsim autotune ...` for one GPU product; pinned knobs are passed so they are not tuned."""
     args = [
         "autotune",
-        "--model",
-        spec.model.id,
-        "--revision",
-        spec.model.revision,
+        *_model_args(spec),
         "--gpu-product",
         hardware,
         "--precision",

@@ -52,6 +52,7 @@ class ModelSpec(_Struct, frozen=True):
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     revision: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "master"
     cache: ModelCache = msgspec.field(default_factory=ModelCache)
+    offline: bool = False  # pods read only the cache volume and never contact the hub
 
 
 class Batching(_Struct, frozen=True):
@@ -128,6 +129,9 @@ def parse_spec(raw: Mapping[str, Any] | None) -> Spec:
     _check_labels(spec.node_selector)
     if spec.model.cache.pvc is not None and not _DNS_SUBDOMAIN.match(spec.model.cache.pvc):
         raise SpecError(f"spec.model.cache.pvc: {spec.model.cache.pvc!r} is not a valid PersistentVolumeClaim name")
+    if spec.model.offline and not spec.model.cache.pvc:
+        # Without a claim /models is an emptyDir: an offline pod would find no model, every time.
+        raise SpecError("spec.model.offline needs spec.model.cache.pvc: a volume pre-loaded with the model")
     return spec
 
 
@@ -164,7 +168,8 @@ def fingerprint(spec: Spec) -> str:
     """What a tuned profile is valid for: model, revision, precision policy, pinned batching, SLO.
 
     The trial budget and the image are left out on purpose: more trials or a new image tag refine
-    the same question, they do not change it.
+    the same question, they do not change it. Offline mode is left out too: it changes where the
+    weights come from, not which weights they are.
     """
     key = {
         "model": spec.model.id,

@@ -258,6 +258,22 @@ async def test_a_spec_change_changes_the_fingerprint_and_tunes_again(
     assert status["profiles"][0]["fingerprint"] == status["fingerprint"] != old_fp
 
 
+async def test_going_offline_keeps_the_tuned_profile_and_rolls_the_pods(
+    cluster: Cluster, operator: OperatorThread
+) -> None:
+    status = await tuned(cluster)
+    before = cluster.daemonsets()[0]
+    await cluster.merge(
+        cluster.resource_path("sim"), {"spec": {"model": {"cache": {"pvc": "structsim-models"}, "offline": True}}}
+    )
+
+    ds = await eventually(lambda: "--offline" in args_of(cluster.daemonsets()[0]) and cluster.daemonsets()[0])
+    assert flag(args_of(ds), "--profile") == flag(args_of(before), "--profile") is not None  # still tuned
+    after = await eventually(lambda: cluster.status("sim")["observedGeneration"] == 2 and cluster.status("sim"))
+    assert (after["fingerprint"], after["profiles"]) == (status["fingerprint"], status["profiles"])
+    assert not cluster.jobs() and len(cluster.events("TuneStarted")) == 1  # no re-tuning
+
+
 async def test_deleting_the_resource_removes_every_child(cluster: Cluster, operator: OperatorThread) -> None:
     await tuned(cluster)
     await cluster.add_node("gpu-2", T4, cc="7.5")

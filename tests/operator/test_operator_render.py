@@ -3,6 +3,7 @@ Kubernetes schema accepts."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from typing import Any
 
@@ -196,6 +197,62 @@ def test_the_tune_job_follows_the_contract() -> None:
 def test_a_time_sliced_only_product_tunes_on_its_shared_nodes() -> None:
     only_shared = gpus.Product(hardware="Tesla-T4", labels=("Tesla-T4-SHARED",), nodes={"Tesla-T4-SHARED": 2})
     assert only_shared.tune_labels == ("Tesla-T4-SHARED",)
+
+
+OFFLINE = {"id": MODEL, "revision": "v1.0.1", "cache": {"pvc": "structsim-models"}, "offline": True}
+
+
+def test_offline_reaches_both_pods_and_nothing_else() -> None:
+    online = parse_spec({**SPEC, "model": {**OFFLINE, "offline": False}})
+    offline = parse_spec({**SPEC, "model": OFFLINE})
+    assert fingerprint(offline) == fingerprint(online)  # same weights, same scores, same profile
+
+    def rendered(spec: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        ds = render.render_daemonset(OWNER, spec, H100.labels[0], render.serving(spec, H100, None, None), "cm")
+        return container(ds), container(render.render_job(OWNER, spec, H100, fingerprint(spec), 1))
+
+    for on, off in zip(rendered(online), rendered(offline), strict=True):
+        assert "--offline" not in on["args"]  # unchanged args for specs without it: no rollout on upgrade
+        at = off["args"].index("--offline")
+        assert off["args"][at - 2 : at] == ["--revision", "v1.0.1"]
+        assert off["args"][:at] + off["args"][at + 1 :] == on["args"]
+        assert {k: v for k, v in off.items() if k != "args"} == {k: v for k, v in on.items() if k != "args"}
+
+
+def test_rendered_args_parse_with_the_real_serve_and_autotune() -> None:
+    """The flag names are a contract with the service's and autotune's CLIs: parse them there."""
+    # Imported here, not at the top: autotune pulls in torch, which no other test in this module needs.
+    from similarity_autotune import command as autotune_command
+    from similarity_autotune.session import TuneOptions, service_settings
+    from similarity_service.commands import serve
+    from similarity_service.settings import load_settings
+
+    spec = parse_spec({**SPEC, "model": OFFLINE, "batching": {"maxBatchSize": 16}})
+    config = render.serving(spec, H100, None, None)
+    serving = container(render.render_daemonset(OWNER, spec, H100.labels[0], config, "cm"))
+    tuning = container(render.render_job(OWNER, spec, H100, fingerprint(spec), 1))
+
+    def parse(configure: Any, c: dict[str, Any], subcommand: str) -> tuple[argparse.Namespace, dict[str, str]]:
+        assert c["args"][0] == subcommand
+        parser = argparse.ArgumentParser()
+        configure(parser)
+        return parser.parse_args(c["args"][1:]), {e["name"]: e["value"] for e in c["env"]}
+
+    args, env = parse(serve.configure, serving, "serve")
+    settings = load_settings(vars(args), env)
+    assert (settings.model, settings.revision, settings.offline) == (MODEL, "v1.0.1", True)
+    assert (settings.cache_dir, settings.precision, settings.max_batch_size) == ("/models", "fp16", 16)
+
+    args, env = parse(autotune_command.configure, tuning, "autotune")
+    options = TuneOptions.from_args(args)
+    settings = service_settings(options, env)
+    assert (settings.model, settings.revision, settings.offline, settings.cache_dir) == (
+        MODEL,
+        "v1.0.1",
+        True,
+        "/models",
+    )
+    assert (options.gpu_product, options.max_batch_size) == (H100.hardware, 16)
 
 
 @pytest.mark.parametrize("kube_version", ["1.29.0", "1.37.0"])

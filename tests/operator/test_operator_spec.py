@@ -67,6 +67,8 @@ def test_batching_is_int_or_auto(batching: dict[str, Any], expected: tuple[Any, 
         ({"nodeSelector": {"bad key!": "x"}}, "spec.nodeSelector: 'bad key!' is not a valid label key"),
         ({"model": {"id": MODEL, "cache": {"pvc": "Models_PVC"}}}, "spec.model.cache.pvc: 'Models_PVC' is not a valid"),
         ({"image": ""}, "spec.image: Expected `str` of length >= 1"),
+        ({"model": {"id": MODEL, "offline": True}}, "spec.model.offline needs spec.model.cache.pvc"),
+        ({"model": {"id": MODEL, "offline": "yes"}}, "spec.model.offline: Expected `bool`"),
     ],
 )
 def test_invalid_specs_name_the_field(patch: dict[str, Any], message: str) -> None:
@@ -116,6 +118,7 @@ def test_the_fingerprint_changes_with_what_a_profile_depends_on(patch: dict[str,
         {"port": 8080},
         {"nodeSelector": {"pool": "a"}},
         {"batching": {"maxBatchSize": "auto"}},  # the default, spelled out
+        {"model": {"id": MODEL, "cache": {"pvc": "models"}, "offline": True}},  # where from, not which weights
     ],
 )
 def test_the_fingerprint_ignores_what_does_not_change_the_question(patch: dict[str, Any]) -> None:
