@@ -1,0 +1,236 @@
+"""HTTP throughput and latency of `structsim serve` under load, at several request rates.
+
+Makes a synthetic StructBERT checkpoint (`structsim make-checkpoint`, not semantic: only its size
+and shape matter here), starts `structsim serve` on it as a separate process, and drives it with
+bench/loadgen.py from this process: open-loop Poisson arrivals of single pairs at rising rates, then
+closed-loop batch requests. For every run it records throughput, p50/p95/p99 and errors, and from
+the server's /metrics the mean batch size and queue wait. Cold start (process start → ready) and the
+exit status after SIGTERM are recorded too. Writes bench/results/http-<card>-<date>.json.
+
+GPU:  python3 bench/http_bench.py                                   (base size, fp16, cuda)
+CPU:  python3 bench/http_bench.py --device cpu --size tiny --quick  (checks the script, not a benchmark)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+import loadgen
+
+REPO = Path(__file__).resolve().parents[1]
+STRUCTSIM = [sys.executable, "-m", "similarity_service.cli"]
+SLO_P99_MS = 50.0
+RATES = (100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000)
+QUICK_RATES = (20, 50)
+BATCH_CONCURRENCY = (4, 16)
+BATCH_PAIRS = 32
+
+
+def git_commit() -> str:
+    """$STRUCTSIM_COMMIT where the tree travelled without .git, else git's HEAD."""
+    if os.environ.get("STRUCTSIM_COMMIT"):
+        return os.environ["STRUCTSIM_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return done.stdout.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_checkpoint(size: str, where: Path) -> Path:
+    model_dir = where / f"structbert-{size}"
+    if not (model_dir / "config.json").exists():
+        subprocess.run([*STRUCTSIM, "make-checkpoint", str(model_dir), "--size", size], check=True)
+    return model_dir
+
+
+class Server:
+    """`structsim serve` in a child process, its log in a file."""
+
+    def __init__(self, model_dir: Path, device: str, precision: str, extra: Sequence[str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [
+            *STRUCTSIM, "serve", "--model", str(model_dir), "--device", device, "--precision", precision,
+            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *extra,
+        ]
+        self.started = time.perf_counter()
+        with log.open("wb") as output:
+            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Seconds from process start to /readyz 200 (includes imports, load, compile, warm-up)."""
+        try:
+            asyncio.run(loadgen.wait_until_ready(self.url, timeout_s, alive=lambda: self.process.poll() is None))
+        except TimeoutError:
+            raise SystemExit(f"structsim serve did not become ready:\n{self.log.read_text()}") from None
+        return time.perf_counter() - self.started
+
+    def stop(self) -> int:
+        """SIGTERM (graceful drain); the exit status (0 expected)."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The /metrics samples this bench reads (sums over labels)."""
+    wanted = {
+        "structsim_batch_size_pairs_sum", "structsim_batch_size_pairs_count", "structsim_queue_wait_seconds_sum",
+        "structsim_queue_wait_seconds_count", "structsim_inference_duration_seconds_sum", "structsim_gpu_utilization_ratio",
+        "structsim_gpu_memory_used_bytes",
+    }
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
+    return values
+
+
+def server_view(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float | None]:
+    """What the server saw during one run: mean batch size, mean queue wait, share of time in forward passes."""
+    batches = after.get("structsim_batch_size_pairs_count", 0) - before.get("structsim_batch_size_pairs_count", 0)
+    waits = after.get("structsim_queue_wait_seconds_count", 0) - before.get("structsim_queue_wait_seconds_count", 0)
+    delta = lambda name: after.get(name, 0) - before.get(name, 0)  # noqa: E731
+    return {
+        "batches": batches,
+        "mean_batch_size": delta("structsim_batch_size_pairs_sum") / batches if batches else None,
+        "mean_queue_wait_ms": 1000 * delta("structsim_queue_wait_seconds_sum") / waits if waits else None,
+        "runner_busy_share": delta("structsim_inference_duration_seconds_sum") / seconds if seconds > 0 else None,
+        "gpu_utilization_ratio_at_end": after.get("structsim_gpu_utilization_ratio"),
+        "gpu_memory_used_bytes_at_end": after.get("structsim_gpu_memory_used_bytes"),
+    }
+
+
+def run_ladder(url: str, rates: Sequence[float], duration_s: float, pairs: list[tuple[str, str]]) -> list[dict[str, object]]:
+    """Open loop at each rate, lowest first; stops after the first rate that clearly overloads the server."""
+    runs = []
+    for rate in rates:
+        before = scrape(url)
+        result = asyncio.run(loadgen.run_open_loop(url, rate, duration_s, pairs))
+        entry = {**result.to_dict(), "server": server_view(before, scrape(url), result.duration_s)}
+        runs.append(entry)
+        print(loadgen._table([result]).splitlines()[-1], flush=True)
+        failed = result.sent - result.ok
+        if failed > 0.05 * result.sent or (result.p99_ms or 0) > 20 * SLO_P99_MS:
+            break  # overloaded: higher rates only measure the queue limit
+    return runs
+
+
+def run_batches(url: str, concurrencies: Sequence[int], duration_s: float, pairs: list[tuple[str, str]]) -> list[dict[str, object]]:
+    runs = []
+    for concurrency in concurrencies:
+        before = scrape(url)
+        result = asyncio.run(
+            loadgen.run_closed_loop(url, concurrency, duration_s, pairs, route="batch", pairs_per_request=BATCH_PAIRS)
+        )
+        runs.append({**result.to_dict(), "server": server_view(before, scrape(url), result.duration_s)})
+        print(loadgen._table([result]).splitlines()[-1], flush=True)
+    return runs
+
+
+def summarize(open_loop: list[dict[str, object]]) -> dict[str, float | None]:
+    """p50 at the lowest rate, and the highest rate served with p99 under the SLO and no errors."""
+    good = [r for r in open_loop if r["ok"] == r["sent"] and r["p99_ms"] is not None and r["p99_ms"] <= SLO_P99_MS]  # type: ignore[operator]
+    lowest = open_loop[0] if open_loop else None
+    best = max(good, key=lambda r: r["throughput_rps"]) if good else None  # type: ignore[arg-type, return-value]
+    return {
+        "p50_ms_low_load": lowest["p50_ms"] if lowest else None,  # type: ignore[dict-item]
+        "low_load_rate": lowest["target_rate"] if lowest else None,  # type: ignore[dict-item]
+        "max_rate_p99_under_slo": best["target_rate"] if best else None,  # type: ignore[dict-item]
+        "throughput_rps_at_that_rate": best["throughput_rps"] if best else None,  # type: ignore[dict-item]
+        "p99_ms_at_that_rate": best["p99_ms"] if best else None,  # type: ignore[dict-item]
+        "slo_p99_ms": SLO_P99_MS,
+    }
+
+
+def measure(
+    model_dir: Path, *, device: str, precision: str, quick: bool, extra: Sequence[str] = (), duration_s: float | None = None
+) -> dict[str, object]:
+    """Serve `model_dir`, run the load, stop; everything measured as a JSON-able dict (bench/perf.py calls this)."""
+    duration = duration_s or (2.0 if quick else 10.0)
+    pairs = loadgen.corpus_pairs()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(model_dir, device, precision, extra, Path(tmp) / "serve.log")
+        try:
+            cold_start_s = server.wait_ready(timeout_s=600)
+            info = httpx.get(f"{server.url}/v1/info", timeout=10).json()
+            asyncio.run(loadgen.run_closed_loop(server.url, 8, 1.0 if quick else 3.0, pairs))  # warm the HTTP path
+            open_loop = run_ladder(server.url, QUICK_RATES if quick else RATES, duration, pairs)
+            batches = run_batches(server.url, BATCH_CONCURRENCY[:1] if quick else BATCH_CONCURRENCY, duration, pairs)
+        finally:
+            exit_status = server.stop()
+            log_tail = server.log.read_text()[-2000:]
+    return {
+        "card": info["device_name"],
+        "device": info["device"],
+        "precision": info["precision"],
+        "info": info,
+        "serve_args": list(extra),
+        "cold_start_s": cold_start_s,
+        "summary": summarize(open_loop),
+        "open_loop_single_pairs": open_loop,
+        "closed_loop_batches": batches,
+        "exit_status_after_sigterm": exit_status,
+        "server_log_tail": log_tail,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", default=None, help="default: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--size", default="base", choices=["tiny", "base"])
+    parser.add_argument("--model-dir", type=Path, help="an existing checkpoint (default: make one)")
+    parser.add_argument("--quick", action="store_true", help="two low rates, short runs: checks the script runs")
+    parser.add_argument("--duration", type=float, help="seconds per run (default 10, quick 2)")
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra `structsim serve` argument (repeat)")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir or make_checkpoint(args.size, Path(tmp))
+        report = measure(
+            model_dir, device=args.device, precision=precision, quick=args.quick, extra=args.serve_arg, duration_s=args.duration
+        )
+    now = datetime.now(UTC)
+    report = {"benchmark": "http", "commit": git_commit(), "date": now.isoformat(timespec="seconds"),
+              "model_size": args.size, "quick": args.quick, **report}
+    card = re.sub(r"[^a-z0-9]+", "-", str(report["card"]).lower()).strip("-")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / f"http-{card}-{now:%Y-%m-%d}.json"
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps(report["summary"], indent=2))
+    print(f"cold start {report['cold_start_s']:.1f} s; exit status after SIGTERM {report['exit_status_after_sigterm']}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
