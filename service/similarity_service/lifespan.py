@@ -139,10 +139,11 @@ class ServiceState:
         """Stop admitting (readiness → 503 at once), then wait up to `timeout_s` for admitted requests."""
         if self.phase is Phase.READY or self.phase is Phase.LOADING:
             self.phase = Phase.DRAINING
+            if self.scorer is not None:
+                log.info("draining: %d pairs queued", self.scorer.batcher.stats.queued_pairs)
         self.metrics.ready.set(0)
         if self.scorer is None:
             return
-        log.info("draining: %d pairs queued", self.scorer.batcher.stats.queued_pairs)
         try:
             await asyncio.wait_for(self.scorer.batcher.drain(), timeout_s)
         except TimeoutError:
