@@ -137,7 +137,7 @@ def run_ladder(url: str, rates: Sequence[float], duration_s: float, pairs: list[
         result = asyncio.run(loadgen.run_open_loop(url, rate, duration_s, pairs))
         entry = {**result.to_dict(), "server": server_view(before, scrape(url), result.duration_s)}
         runs.append(entry)
-        print(loadgen._table([result]).splitlines()[-1], flush=True)
+        print(loadgen.format_table([result]).splitlines()[-1], flush=True)
         failed = result.sent - result.ok
         if failed > 0.05 * result.sent or (result.p99_ms or 0) > 20 * SLO_P99_MS:
             break  # overloaded: higher rates only measure the queue limit
@@ -152,7 +152,7 @@ def run_batches(url: str, concurrencies: Sequence[int], duration_s: float, pairs
             loadgen.run_closed_loop(url, concurrency, duration_s, pairs, route="batch", pairs_per_request=BATCH_PAIRS)
         )
         runs.append({**result.to_dict(), "server": server_view(before, scrape(url), result.duration_s)})
-        print(loadgen._table([result]).splitlines()[-1], flush=True)
+        print(loadgen.format_table([result]).splitlines()[-1], flush=True)
     return runs
 
 

@@ -56,6 +56,9 @@ class LoadResult:
     p95_ms: float | None = None
     p99_ms: float | None = None
     max_ms: float | None = None
+    # Open loop: how late this client started requests (p99, ms). Large values mean the client, not
+    # the server, could not keep the rate, and the latencies above include that lag.
+    client_lag_p99_ms: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -89,6 +92,7 @@ def request_bodies(pairs: Sequence[tuple[str, str]], route: Route, pairs_per_req
 class _Recorder:
     def __init__(self) -> None:
         self.latencies_ms: list[float] = []
+        self.lags_ms: list[float] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self.sent = 0
         self.first_start = float("inf")
@@ -97,6 +101,7 @@ class _Recorder:
     async def send(self, session: aiohttp.ClientSession, url: str, body: bytes, scheduled: float) -> None:
         self.sent += 1
         self.first_start = min(self.first_start, scheduled)
+        self.lags_ms.append((time.perf_counter() - scheduled) * 1000)
         try:
             async with session.post(url, data=body, headers={"content-type": "application/json"}) as answer:
                 await answer.read()
@@ -135,6 +140,7 @@ class _Recorder:
             p95_ms=percentiles[1],
             p99_ms=percentiles[2],
             max_ms=max(self.latencies_ms) if ok else None,
+            client_lag_p99_ms=float(np.percentile(self.lags_ms, 99)) if mode == "open" and self.lags_ms else None,
         )
 
 
@@ -218,7 +224,7 @@ async def wait_until_ready(base_url: str, timeout_s: float, alive: Callable[[], 
     raise TimeoutError(f"{base_url} was not ready within {timeout_s} s")
 
 
-def _table(results: Sequence[LoadResult]) -> str:
+def format_table(results: Sequence[LoadResult]) -> str:
     rows = ["mode    load      sent     ok   req/s   pairs/s   p50 ms   p95 ms   p99 ms  errors"]
     for r in results:
         load = f"{r.target_rate:g}/s" if r.mode == "open" else f"c={r.concurrency}"
@@ -254,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for result in results:
             print(json.dumps(result.to_dict()))
     else:
-        print(_table(results))
+        print(format_table(results))
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -41,11 +41,13 @@ async def test_open_loop_sends_at_the_rate_and_reports_percentiles(server: LiveS
     assert result.ok == result.sent and result.errors == {}
     assert result.p50_ms is not None and result.p99_ms is not None and 0 < result.p50_ms <= result.p99_ms
     assert result.mode == "open" and result.target_rate == 200
+    assert result.client_lag_p99_ms is not None and result.client_lag_p99_ms >= 0
 
 
 async def test_closed_loop_batches_and_errors_by_status(server: LiveServer) -> None:
     pairs = loadgen.corpus_pairs()
     result = await loadgen.run_closed_loop(server.url, 8, 0.5, pairs, route="batch", pairs_per_request=4)
     assert result.ok > 8 and result.pairs_per_s == pytest.approx(result.throughput_rps * 4)
+    assert result.client_lag_p99_ms is None  # closed loop: no schedule to be late for
     too_many = await loadgen.run_closed_loop(server.url, 2, 0.3, pairs, route="batch", pairs_per_request=300)
     assert too_many.ok == 0 and set(too_many.errors) == {"413"} and too_many.p50_ms is None
