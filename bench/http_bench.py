@@ -47,7 +47,9 @@ def git_commit() -> str:
     if os.environ.get("STRUCTSIM_COMMIT"):
         return os.environ["STRUCTSIM_COMMIT"]
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return done.stdout.strip()
@@ -74,8 +76,21 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [
-            *STRUCTSIM, "serve", "--model", str(model_dir), "--device", device, "--precision", precision,
-            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *extra,
+            *STRUCTSIM,
+            "serve",
+            "--model",
+            str(model_dir),
+            "--device",
+            device,
+            "--precision",
+            precision,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *extra,
         ]
         self.started = time.perf_counter()
         with log.open("wb") as output:
@@ -102,8 +117,12 @@ class Server:
 def scrape(url: str) -> dict[str, float]:
     """The /metrics samples this bench reads (sums over labels)."""
     wanted = {
-        "structsim_batch_size_pairs_sum", "structsim_batch_size_pairs_count", "structsim_queue_wait_seconds_sum",
-        "structsim_queue_wait_seconds_count", "structsim_inference_duration_seconds_sum", "structsim_gpu_utilization_ratio",
+        "structsim_batch_size_pairs_sum",
+        "structsim_batch_size_pairs_count",
+        "structsim_queue_wait_seconds_sum",
+        "structsim_queue_wait_seconds_count",
+        "structsim_inference_duration_seconds_sum",
+        "structsim_gpu_utilization_ratio",
         "structsim_gpu_memory_used_bytes",
     }
     values: dict[str, float] = {}
@@ -129,7 +148,9 @@ def server_view(before: dict[str, float], after: dict[str, float], seconds: floa
     }
 
 
-def run_ladder(url: str, rates: Sequence[float], duration_s: float, pairs: list[tuple[str, str]]) -> list[dict[str, object]]:
+def run_ladder(
+    url: str, rates: Sequence[float], duration_s: float, pairs: list[tuple[str, str]]
+) -> list[dict[str, object]]:
     """Open loop at each rate, lowest first; stops after the first rate that clearly overloads the server."""
     runs = []
     for rate in rates:
@@ -144,7 +165,9 @@ def run_ladder(url: str, rates: Sequence[float], duration_s: float, pairs: list[
     return runs
 
 
-def run_batches(url: str, concurrencies: Sequence[int], duration_s: float, pairs: list[tuple[str, str]]) -> list[dict[str, object]]:
+def run_batches(
+    url: str, concurrencies: Sequence[int], duration_s: float, pairs: list[tuple[str, str]]
+) -> list[dict[str, object]]:
     runs = []
     for concurrency in concurrencies:
         before = scrape(url)
@@ -172,7 +195,13 @@ def summarize(open_loop: list[dict[str, object]]) -> dict[str, float | None]:
 
 
 def measure(
-    model_dir: Path, *, device: str, precision: str, quick: bool, extra: Sequence[str] = (), duration_s: float | None = None
+    model_dir: Path,
+    *,
+    device: str,
+    precision: str,
+    quick: bool,
+    extra: Sequence[str] = (),
+    duration_s: float | None = None,
 ) -> dict[str, object]:
     """Serve `model_dir`, run the load, stop; everything measured as a JSON-able dict (bench/perf.py calls this)."""
     duration = duration_s or (2.0 if quick else 10.0)
@@ -218,11 +247,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or make_checkpoint(args.size, Path(tmp))
         report = measure(
-            model_dir, device=args.device, precision=precision, quick=args.quick, extra=args.serve_arg, duration_s=args.duration
+            model_dir,
+            device=args.device,
+            precision=precision,
+            quick=args.quick,
+            extra=args.serve_arg,
+            duration_s=args.duration,
         )
     now = datetime.now(UTC)
-    report = {"benchmark": "http", "commit": git_commit(), "date": now.isoformat(timespec="seconds"),
-              "model_size": args.size, "quick": args.quick, **report}
+    report = {
+        "benchmark": "http",
+        "commit": git_commit(),
+        "date": now.isoformat(timespec="seconds"),
+        "model_size": args.size,
+        "quick": args.quick,
+        **report,
+    }
     card = re.sub(r"[^a-z0-9]+", "-", str(report["card"]).lower()).strip("-")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"http-{card}-{now:%Y-%m-%d}.json"

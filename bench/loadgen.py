@@ -71,7 +71,9 @@ def corpus_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:
     return [(row.sentence1, row.sentence2) for row in load_pairs_file(path)]
 
 
-def request_bodies(pairs: Sequence[tuple[str, str]], route: Route, pairs_per_request: int, seed: int) -> Iterator[bytes]:
+def request_bodies(
+    pairs: Sequence[tuple[str, str]], route: Route, pairs_per_request: int, seed: int
+) -> Iterator[bytes]:
     """Endless JSON bodies, pre-encoded (so the client spends its time sending), pairs in a seeded shuffle."""
     order = list(pairs)
     random.Random(seed).shuffle(order)
@@ -117,7 +119,12 @@ class _Recorder:
             self.errors[str(status)] += 1
 
     def result(
-        self, mode: Literal["open", "closed"], route: Route, pairs_per_request: int, rate: float | None, concurrency: int | None
+        self,
+        mode: Literal["open", "closed"],
+        route: Route,
+        pairs_per_request: int,
+        rate: float | None,
+        concurrency: int | None,
     ) -> LoadResult:
         ok = len(self.latencies_ms)
         duration = self.last_end - self.first_start if self.sent else 0.0
@@ -251,7 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print results as JSON lines instead of a table")
     args = parser.parse_args(argv)
     pairs = corpus_pairs(args.pairs)
-    options = {"route": args.route, "pairs_per_request": args.pairs_per_request, "timeout_s": args.timeout, "seed": args.seed}
+    options = {
+        "route": args.route,
+        "pairs_per_request": args.pairs_per_request,
+        "timeout_s": args.timeout,
+        "seed": args.seed,
+    }
     runs: list[Callable[[], Awaitable[LoadResult]]] = [
         (lambda r=rate: run_open_loop(args.url, r, args.duration, pairs, **options)) for rate in args.rate or []
     ] + [(lambda c=c: run_closed_loop(args.url, c, args.duration, pairs, **options)) for c in args.concurrency or []]

@@ -102,7 +102,9 @@ async def _unless_client_leaves(request: Request[Any, Any, Any], work: Awaitable
 
 
 @post("/v1/similarity", operation_id="scoreSimilarity", summary="Score one sentence pair", **SCORING)
-async def similarity(data: JSONBody[SimilarityRequest], service: Service, request: Request[Any, Any, Any]) -> SimilarityResponse:
+async def similarity(
+    data: JSONBody[SimilarityRequest], service: Service, request: Request[Any, Any, Any]
+) -> SimilarityResponse:
     scorer = service.ready_scorer()
     score = await _unless_client_leaves(request, scorer.similarity(data.sentence1, data.sentence2))
     info = scorer.engine.info
@@ -143,14 +145,23 @@ async def info(service: Service) -> InfoResponse:
         device_name=engine.device_name,
         compute_capability=engine.compute_capability,
         max_seq_len=engine.max_seq_len,
-        batching=BatchingInfo(stats.max_batch_size, stats.max_wait_ms, settings.max_batch_tokens, settings.max_queue_pairs),
+        batching=BatchingInfo(
+            stats.max_batch_size, stats.max_wait_ms, settings.max_batch_tokens, settings.max_queue_pairs
+        ),
         limits=LimitsInfo(
-            settings.max_body_bytes, settings.max_pairs_per_request, settings.max_chars_per_sentence,
+            settings.max_body_bytes,
+            settings.max_pairs_per_request,
+            settings.max_chars_per_sentence,
             settings.max_rank_targets,
         ),
-        profile=None if profile is None or settings.profile is None else ProfileInfo(
-            path=settings.profile, device_name=profile.device_name, tuned_at=profile.tuned_at,
-            fingerprint=profile.fingerprint, matches_model=profile.fingerprint == engine.fingerprint,
+        profile=None
+        if profile is None or settings.profile is None
+        else ProfileInfo(
+            path=settings.profile,
+            device_name=profile.device_name,
+            tuned_at=profile.tuned_at,
+            fingerprint=profile.fingerprint,
+            matches_model=profile.fingerprint == engine.fingerprint,
         ),
         version=__version__,
     )
@@ -217,7 +228,11 @@ async def legacy_health(service: Service) -> LegacyHealthResponse:
     scorer = service.scorer
     engine = scorer.engine.info if scorer is not None else None
     return LegacyHealthResponse(
-        status="healthy" if service.phase is Phase.READY else "loading" if service.phase is Phase.LOADING else "unhealthy",
+        status="healthy"
+        if service.phase is Phase.READY
+        else "loading"
+        if service.phase is Phase.LOADING
+        else "unhealthy",
         model_loaded=scorer is not None,
         precision=engine.precision if engine else None,
         device=engine.device if engine else None,
@@ -225,6 +240,14 @@ async def legacy_health(service: Service) -> LegacyHealthResponse:
 
 
 ROUTES = [
-    similarity, similarity_batch, rank, info, healthz, readyz, metrics,
-    legacy_similarity, legacy_batch_similarity, legacy_health,
+    similarity,
+    similarity_batch,
+    rank,
+    info,
+    healthz,
+    readyz,
+    metrics,
+    legacy_similarity,
+    legacy_batch_similarity,
+    legacy_health,
 ]

@@ -52,7 +52,9 @@ class GpuStats(Collector):
         keys = ["gpu", "name"]
         used = GaugeMetricFamily("structsim_gpu_memory_used_bytes", "GPU memory in use", labels=keys)
         total = GaugeMetricFamily("structsim_gpu_memory_total_bytes", "GPU memory size", labels=keys)
-        util = GaugeMetricFamily("structsim_gpu_utilization_ratio", "Share of the last sample the GPU was busy", labels=keys)
+        util = GaugeMetricFamily(
+            "structsim_gpu_utilization_ratio", "Share of the last sample the GPU was busy", labels=keys
+        )
         temp = GaugeMetricFamily("structsim_gpu_temperature_celsius", "GPU core temperature", labels=keys)
         for index, name in enumerate(self._names):
             labels = [str(index), name]

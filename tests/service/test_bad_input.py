@@ -62,21 +62,70 @@ CASES: list[tuple[str, str, str, Any, dict[str, str], int]] = [
     ("duplicate-keys", "POST", "/v1/similarity", b'{"sentence1": "a", "sentence1": "b", "sentence2": "c"}', JSON, 400),
     ("extra-field", "POST", "/v1/similarity", dumps({**GOOD, "model": "other"}), JSON, 400),
     ("deep-nesting", "POST", "/v1/similarity", b"[" * 30_000 + b"]" * 30_000, JSON, 400),
-    ("deep-nesting-in-field", "POST", "/v1/similarity", b'{"sentence1": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", JSON, 400),
-    ("huge-integer", "POST", "/v1/rank", b'{"source": "a", "targets": ["b"], "top_k": 1' + b"0" * 5000 + b"}", JSON, 400),
+    (
+        "deep-nesting-in-field",
+        "POST",
+        "/v1/similarity",
+        b'{"sentence1": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        JSON,
+        400,
+    ),
+    (
+        "huge-integer",
+        "POST",
+        "/v1/rank",
+        b'{"source": "a", "targets": ["b"], "top_k": 1' + b"0" * 5000 + b"}",
+        JSON,
+        400,
+    ),
     ("nan-literal", "POST", "/v1/rank", b'{"source": "a", "targets": ["b"], "top_k": NaN}', JSON, 400),
-    ("huge-sentence", "POST", "/v1/similarity", dumps({"sentence1": "长" * (MAX_CHARS + 1), "sentence2": "b"}), JSON, 413),
-    ("100k-pair-batch", "POST", "/v1/similarity/batch", dumps({"pairs": [{"sentence1": "a", "sentence2": "b"}] * 100_000}), JSON, 413),
+    (
+        "huge-sentence",
+        "POST",
+        "/v1/similarity",
+        dumps({"sentence1": "长" * (MAX_CHARS + 1), "sentence2": "b"}),
+        JSON,
+        413,
+    ),
+    (
+        "100k-pair-batch",
+        "POST",
+        "/v1/similarity/batch",
+        dumps({"pairs": [{"sentence1": "a", "sentence2": "b"}] * 100_000}),
+        JSON,
+        413,
+    ),
     ("pairs-over-limit", "POST", "/v1/similarity/batch", dumps({"pairs": [GOOD] * (MAX_PAIRS + 1)}), JSON, 413),
     ("body-over-limit", "POST", "/v1/similarity", dumps({"sentence1": "a" * MAX_BODY, "sentence2": "b"}), JSON, 413),
     ("chunked-oversize-body", "POST", "/v1/similarity", chunks(2 * MAX_BODY), JSON, 413),
     ("text-content-type", "POST", "/v1/similarity", dumps(GOOD), {"content-type": "text/plain"}, 415),
-    ("form-content-type", "POST", "/v1/similarity", b"sentence1=a&sentence2=b", {"content-type": "application/x-www-form-urlencoded"}, 415),
-    ("latin1-charset", "POST", "/v1/similarity", dumps(GOOD), {"content-type": "application/json; charset=latin-1"}, 415),
+    (
+        "form-content-type",
+        "POST",
+        "/v1/similarity",
+        b"sentence1=a&sentence2=b",
+        {"content-type": "application/x-www-form-urlencoded"},
+        415,
+    ),
+    (
+        "latin1-charset",
+        "POST",
+        "/v1/similarity",
+        dumps(GOOD),
+        {"content-type": "application/json; charset=latin-1"},
+        415,
+    ),
     ("pairs-not-a-list", "POST", "/v1/similarity/batch", dumps({"pairs": GOOD}), JSON, 400),
     ("empty-pairs", "POST", "/v1/similarity/batch", dumps({"pairs": []}), JSON, 400),
     ("extra-field-in-pair", "POST", "/v1/similarity/batch", dumps({"pairs": [{**GOOD, "x": 1}]}), JSON, 400),
-    ("empty-string-in-pair", "POST", "/v1/similarity/batch", dumps({"pairs": [GOOD, {"sentence1": "a", "sentence2": ""}]}), JSON, 400),
+    (
+        "empty-string-in-pair",
+        "POST",
+        "/v1/similarity/batch",
+        dumps({"pairs": [GOOD, {"sentence1": "a", "sentence2": ""}]}),
+        JSON,
+        400,
+    ),
     ("empty-targets", "POST", "/v1/rank", dumps({"source": "a", "targets": []}), JSON, 400),
     ("non-string-target", "POST", "/v1/rank", dumps({"source": "a", "targets": ["b", 3]}), JSON, 400),
     ("whitespace-target", "POST", "/v1/rank", dumps({"source": "a", "targets": ["b", "   "]}), JSON, 400),
@@ -123,7 +172,9 @@ def test_there_are_at_least_25_kinds() -> None:
     assert len({case[0] for case in CASES}) == len(CASES) >= 25
 
 
-@pytest.mark.parametrize(("method", "path", "body", "headers", "status"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_bad_input_gets_a_4xx_with_the_error_body(
     client: httpx.Client, method: str, path: str, body: Any, headers: dict[str, str], status: int
 ) -> None:
@@ -141,7 +192,9 @@ def test_messages_say_what_is_wrong(client: httpx.Client) -> None:
     assert "sentence2" in message(dumps({"sentence1": "a"}))
     assert "sentence1" in message(dumps({"sentence1": "  ", "sentence2": "b"}))
     assert "duplicate key" in message(b'{"sentence1": "a", "sentence1": "b", "sentence2": "c"}')
-    assert "pairs[1].sentence2" in message(dumps({"pairs": [GOOD, {"sentence1": "a", "sentence2": "长" * 201}]}), "/v1/similarity/batch")
+    assert "pairs[1].sentence2" in message(
+        dumps({"pairs": [GOOD, {"sentence1": "a", "sentence2": "长" * 201}]}), "/v1/similarity/batch"
+    )
     assert "17 targets" in message(dumps({"source": "a", "targets": ["b"] * 17}), "/v1/rank")
     assert "empty" in message(b"")
 

@@ -78,14 +78,22 @@ def test_not_ready_while_loading_then_ready(engine: FakeEngine) -> None:
         loaded.wait(30)
         return engine
 
-    with live_server(create_app(Settings(), engine_factory=slow_factory)) as server, httpx.Client(base_url=server.url) as http:
+    with (
+        live_server(create_app(Settings(), engine_factory=slow_factory)) as server,
+        httpx.Client(base_url=server.url) as http,
+    ):
         assert http.get("/healthz").status_code == 200  # alive while loading
         not_ready = http.get("/readyz")
         assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "not_ready"
         assert int(not_ready.headers["retry-after"]) >= 1
         assert http.post("/v1/similarity", json=PAIR).status_code == 503
         assert http.get("/v1/info").status_code == 503
-        assert http.get("/health").json() == {"status": "loading", "model_loaded": False, "precision": None, "device": None}
+        assert http.get("/health").json() == {
+            "status": "loading",
+            "model_loaded": False,
+            "precision": None,
+            "device": None,
+        }
         loaded.set()
         server.wait_ready()
         assert http.post("/v1/similarity", json=PAIR).json()["similarity"] == pytest.approx(0.0003)
@@ -95,7 +103,10 @@ def test_a_model_that_fails_to_load_fails_liveness(engine: FakeEngine) -> None:
     def broken(settings: Settings) -> FakeEngine:
         raise EngineLoadError("no checkpoint in /models/missing")
 
-    with live_server(create_app(Settings(), engine_factory=broken)) as server, httpx.Client(base_url=server.url) as http:
+    with (
+        live_server(create_app(Settings(), engine_factory=broken)) as server,
+        httpx.Client(base_url=server.url) as http,
+    ):
         wait_for(lambda: http.get("/healthz").status_code == 503)
         assert "no checkpoint" in http.get("/healthz").json()["error"]["message"]
         assert http.get("/readyz").json()["error"]["code"] == "load_failed"
@@ -106,7 +117,9 @@ def test_draining_refuses_new_work_and_finishes_admitted_work(engine: FakeEngine
     with serve(engine, max_wait_ms=0) as server, ThreadPoolExecutor(4) as pool:
         server.wait_ready()
         engine.gate.clear()
-        admitted = [pool.submit(httpx.post, f"{server.url}/v1/similarity/batch", json={"pairs": [PAIR] * 3}, timeout=30)]
+        admitted = [
+            pool.submit(httpx.post, f"{server.url}/v1/similarity/batch", json={"pairs": [PAIR] * 3}, timeout=30)
+        ]
         engine.started.wait(10)
         wait_for(lambda: queued(server) == 1)  # pair 1 in flight, pair 2 in the hand-off slot, pair 3 queued
         admitted.append(pool.submit(httpx.post, f"{server.url}/v1/similarity", json=PAIR, timeout=30))
@@ -149,7 +162,10 @@ def test_engine_errors_answer_500_and_repeated_failures_fail_liveness(engine: Fa
         server.wait_ready()
         failed = http.post("/v1/similarity", json=PAIR)
         assert failed.status_code == 500
-        assert failed.json()["error"] == {"code": "internal_error", "message": "internal error; the server log has the details"}
+        assert failed.json()["error"] == {
+            "code": "internal_error",
+            "message": "internal error; the server log has the details",
+        }
         assert http.post("/v1/similarity", json={"sentence1": "a", "sentence2": "b"}).status_code == 200
         assert http.get("/healthz").status_code == 200
         for _ in range(3):

@@ -42,7 +42,9 @@ def test_similarity(client: httpx.Client, tiny_engine: Engine) -> None:
     body = answer.json()
     assert set(body) == {"similarity", "model", "precision"}
     assert body["precision"] == "fp32"
-    assert body["similarity"] == pytest.approx(tiny_engine.score([("今天天气真好", "今天适合出去散步")])[0], abs=TOLERANCE)
+    assert body["similarity"] == pytest.approx(
+        tiny_engine.score([("今天天气真好", "今天适合出去散步")])[0], abs=TOLERANCE
+    )
 
 
 def test_batch_keeps_the_order_of_pairs(
@@ -77,7 +79,12 @@ def test_probes_and_info(client: httpx.Client, tiny_model_dir: Path) -> None:
     info = client.get("/v1/info").json()
     assert info["model"] == str(tiny_model_dir)
     assert (info["precision"], info["device"], info["max_seq_len"]) == ("fp32", "cpu", 128)
-    assert info["batching"] == {"max_batch_size": 64, "max_wait_ms": 5.0, "max_batch_tokens": None, "max_queue_pairs": 4096}
+    assert info["batching"] == {
+        "max_batch_size": 64,
+        "max_wait_ms": 5.0,
+        "max_batch_tokens": None,
+        "max_queue_pairs": 4096,
+    }
     assert info["limits"]["max_pairs_per_request"] == 256
     assert info["profile"] is None and info["fingerprint"] and info["version"]
 
@@ -88,7 +95,9 @@ def test_source_article_routes_answer_with_its_field_names(client: httpx.Client,
     body = one.json()
     assert set(body) == {"similarity", "sentence1", "sentence2", "inference_time_ms", "precision"}
     assert (body["sentence1"], body["sentence2"], body["precision"]) == ("密码忘了怎么办", "如何找回登录密码", "fp32")
-    assert body["similarity"] == pytest.approx(tiny_engine.score([("密码忘了怎么办", "如何找回登录密码")])[0], abs=TOLERANCE)
+    assert body["similarity"] == pytest.approx(
+        tiny_engine.score([("密码忘了怎么办", "如何找回登录密码")])[0], abs=TOLERANCE
+    )
     assert body["inference_time_ms"] > 0
 
     targets = ["退货流程是怎样的？", "今天天气真好", "如何退款"]
@@ -107,8 +116,18 @@ def test_openapi_documents_every_route(client: httpx.Client) -> None:
     spec = client.get("/docs/openapi.json").json()
     operations = [op for path in spec["paths"].values() for op in path.values()]
     paths = set(spec["paths"])
-    assert {"/v1/similarity", "/v1/similarity/batch", "/v1/rank", "/v1/info", "/healthz", "/readyz", "/metrics",
-            "/similarity", "/batch_similarity", "/health"} <= paths
+    assert {
+        "/v1/similarity",
+        "/v1/similarity/batch",
+        "/v1/rank",
+        "/v1/info",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/similarity",
+        "/batch_similarity",
+        "/health",
+    } <= paths
     for operation in operations:
         assert operation["operationId"] and operation["summary"] and operation["tags"]
     assert "413" in spec["paths"]["/v1/similarity"]["post"]["responses"]
@@ -134,7 +153,9 @@ async def test_200_concurrent_requests_are_answered_correctly_in_shared_batches(
     assert got == pytest.approx(expected, abs=TOLERANCE)
     batches = server.metric("structsim_batch_size_pairs_count") - batches_before
     assert 1 <= batches < 200  # merged
-    multi = server.metric("structsim_batch_size_pairs_count") - server.metric("structsim_batch_size_pairs_bucket", le="1.0")
+    multi = server.metric("structsim_batch_size_pairs_count") - server.metric(
+        "structsim_batch_size_pairs_bucket", le="1.0"
+    )
     assert multi > 0
 
 
@@ -148,7 +169,11 @@ def test_metrics_cover_requests_batches_and_queue(client: httpx.Client, server: 
     assert server.metric("structsim_rejections_total", reason="not_found") >= 1
     assert server.metric("structsim_ready") == 1
     assert server.metric("structsim_tokens_scored_total") > 0
-    for name in ("structsim_queue_pairs", "structsim_batch_tokens_count", "structsim_queue_wait_seconds_count",
-                 "structsim_inference_duration_seconds_count"):
+    for name in (
+        "structsim_queue_pairs",
+        "structsim_batch_tokens_count",
+        "structsim_queue_wait_seconds_count",
+        "structsim_inference_duration_seconds_count",
+    ):
         assert name.removesuffix("_count") in answer.text
     assert "structsim_gpu_" not in answer.text  # no GPU here: the GPU metrics are simply absent

@@ -14,7 +14,7 @@ from similarity_service.app import create_app
 from similarity_service.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import loadgen  # noqa: E402  (bench/ is a folder of scripts, not a package)
+import loadgen  # bench/ is a folder of scripts, not a package
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,23 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 @pytest.fixture
 def profile_file(tmp_path: Path) -> Path:
     profile = Profile(
-        device="cuda", gpu_product="NVIDIA-H100-80GB-HBM3", device_name="NVIDIA H100 80GB HBM3",
-        compute_capability="9.0", memory_gib=80.0, precision="fp16", max_batch_size=128, max_wait_ms=4.0,
-        throughput=20_000.0, p50_ms=3.0, p99_ms=12.0, slo_p99_ms=50.0, model_id="iic/x", fingerprint="abc",
-        trials=30, tuned_at="2026-11-25T12:00:00Z", structsim_version="0.1.0",
+        device="cuda",
+        gpu_product="NVIDIA-H100-80GB-HBM3",
+        device_name="NVIDIA H100 80GB HBM3",
+        compute_capability="9.0",
+        memory_gib=80.0,
+        precision="fp16",
+        max_batch_size=128,
+        max_wait_ms=4.0,
+        throughput=20_000.0,
+        p50_ms=3.0,
+        p99_ms=12.0,
+        slo_p99_ms=50.0,
+        model_id="iic/x",
+        fingerprint="abc",
+        trials=30,
+        tuned_at="2026-11-25T12:00:00Z",
+        structsim_version="0.1.0",
     )
     path = tmp_path / "profile.json"
     write_profile(profile, path)
@@ -57,7 +70,12 @@ def test_a_profile_sets_only_the_tuned_knobs(profile_file: Path) -> None:
 
 
 def test_environment_values_are_parsed_and_empty_ones_ignored() -> None:
-    env = {"STRUCTSIM_OFFLINE": "true", "STRUCTSIM_MAX_BATCH_TOKENS": "8192", "STRUCTSIM_REVISION": "", "STRUCTSIM_PORT": "8080"}
+    env = {
+        "STRUCTSIM_OFFLINE": "true",
+        "STRUCTSIM_MAX_BATCH_TOKENS": "8192",
+        "STRUCTSIM_REVISION": "",
+        "STRUCTSIM_PORT": "8080",
+    }
     settings = load_settings({}, env)
     assert (settings.offline, settings.max_batch_tokens, settings.revision, settings.port) == (True, 8192, None, 8080)
 
@@ -105,7 +123,18 @@ def test_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     missing = tmp_path / "no-model-here"
-    argv = ["serve", "--model", str(missing), "--offline", "--device", "cpu", "--port", str(port), "--log-level", "critical"]
+    argv = [
+        "serve",
+        "--model",
+        str(missing),
+        "--offline",
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--log-level",
+        "critical",
+    ]
     assert main(argv) == 1
 
 

@@ -33,9 +33,26 @@ def serving(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.P
     log = tmp_path / "serve.log"
     # Batches wait up to 10 s to fill 4096 pairs: the load below stays queued until the drain flushes it.
     command = [
-        STRUCTSIM, "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--precision", "fp32",
-        "--max-seq-len", "128", "--max-batch-size", "4096", "--max-wait-ms", "10000", "--max-queue-pairs", "8192",
-        "--host", "127.0.0.1", "--port", str(port),
+        STRUCTSIM,
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--max-seq-len",
+        "128",
+        "--max-batch-size",
+        "4096",
+        "--max-wait-ms",
+        "10000",
+        "--max-queue-pairs",
+        "8192",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     with log.open("wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
