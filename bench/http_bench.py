@@ -31,9 +31,15 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-import loadgen
-
 REPO = Path(__file__).resolve().parents[1]
+try:
+    import similarity_service  # noqa: F401 - installed (pip install -e .)?
+except ImportError:  # a bare checkout (the GPU machine): run from the tree, in this process and the server's
+    sys.path.insert(0, str(REPO / "service"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "service"), os.environ.get("PYTHONPATH")]))
+
+import loadgen  # noqa: E402 - needs similarity_service importable
+
 STRUCTSIM = [sys.executable, "-m", "similarity_service.cli"]
 SLO_P99_MS = 50.0
 RATES = (100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000)
@@ -263,7 +269,7 @@ def main() -> None:
         "quick": args.quick,
         **report,
     }
-    card = re.sub(r"[^a-z0-9]+", "-", str(report["card"]).lower()).strip("-")
+    card = re.sub(r"[^A-Za-z0-9]+", "-", str(report["card"])).strip("-")  # NVIDIA-H100-80GB-HBM3, as bench/ names it
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"http-{card}-{now:%Y-%m-%d}.json"
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
