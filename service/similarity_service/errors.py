@@ -62,15 +62,10 @@ class NotReady(ServiceError):
 # Litestar's own HTTP exceptions by status; anything else becomes `http_<status>`.
 _LITESTAR_CODES = {
     400: "invalid_request",
-    401: "unauthorized",
-    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",
     415: "unsupported_media_type",
-    429: "overloaded",
-    500: "internal_error",
-    503: "unavailable",
 }
 DRAINING_RETRY_AFTER_S = 1.0  # another pod will answer by then
 
