@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,15 @@ def test_serve_refuses_bad_settings_with_status_2(capsys: pytest.CaptureFixture[
     assert "--max-batch-size" in capsys.readouterr().err
 
 
+@pytest.fixture
+def keep_switch_interval() -> Iterator[None]:
+    """`structsim serve` shortens the GIL switch interval for its process; give the test process its own back."""
+    interval = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(interval)
+
+
+@pytest.mark.usefixtures("keep_switch_interval")
 def test_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
