@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ except ImportError:  # a bare checkout (the GPU machine): import the package fro
     sys.path.insert(0, str(REPO / "service"))
 
 import torch
+from provenance import git_commit
 
 from similarity_service.checkpoint import make_checkpoint
 from similarity_service.corpus import load_corpus
@@ -49,18 +48,6 @@ from similarity_service.tokenization import PairTokenizer
 
 SIMULATED_CAPABILITY = (7, 5)  # a Tesla T4: fp16 Tensor Cores, no bf16/tf32
 THRESHOLDS = (0.5, 0.7)
-
-
-def git_commit() -> str:
-    """$STRUCTSIM_COMMIT where the tree travelled without .git, else git's HEAD, else "unknown"."""
-    if os.environ.get("STRUCTSIM_COMMIT"):
-        return os.environ["STRUCTSIM_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def sample_pairs(count: int) -> list[tuple[str, str]]:

@@ -39,6 +39,7 @@ except ImportError:  # a bare checkout (the GPU machine): run from the tree, in 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "service"), os.environ.get("PYTHONPATH")]))
 
 import loadgen  # noqa: E402 - needs similarity_service importable
+from provenance import git_commit  # noqa: E402
 
 STRUCTSIM = [sys.executable, "-m", "similarity_service.cli"]
 SLO_P99_MS = 50.0
@@ -46,19 +47,6 @@ RATES = (100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000)
 QUICK_RATES = (20, 50)
 BATCH_CONCURRENCY = (4, 16)
 BATCH_PAIRS = 32
-
-
-def git_commit() -> str:
-    """$STRUCTSIM_COMMIT where the tree travelled without .git, else git's HEAD."""
-    if os.environ.get("STRUCTSIM_COMMIT"):
-        return os.environ["STRUCTSIM_COMMIT"]
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return done.stdout.strip()
 
 
 def free_port() -> int:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
@@ -40,17 +39,6 @@ THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def git_commit() -> str:
-    """The commit measured: $STRUCTSIM_COMMIT where the tree travelled without .git, else git's HEAD."""
-    if os.environ.get("STRUCTSIM_COMMIT"):
-        return os.environ["STRUCTSIM_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def sync(device: str) -> None:
