@@ -1,14 +1,24 @@
 """The dynamic micro-batcher: many callers' pairs merged into few forward passes. No torch here.
 
 Ownership, as in text-embeddings-inference: callers hold only futures; one task (the batch former)
-owns the queue; a one-slot hand-off lets the next batch form while the runner task has the current
-one computed in exactly one dedicated thread (the engine is never called from the event loop).
+owns the queue; a one-slot hand-off lets the next batch form while the runners compute. Each engine
+replica (one per GPU) has its own runner task and its own dedicated thread, so the engine is never
+called from the event loop and never from two threads at once.
+
+Dispatch to several replicas is pull-based: a replica takes a batch from the shared one-slot hand-off
+only when it has none in flight, so a formed batch goes to a free replica, never waits behind a busy
+one while another is idle (a per-replica slot could strand it behind a slow GPU), and batches still
+form while every replica is busy. The slot holds one batch, not one per replica: a batch formed later
+is fuller, and under load a freed replica finds the next batch already formed. A replica whose last
+`failures_before_unhealthy` passes all failed is unhealthy: it takes no batches while a healthy replica
+exists (all unhealthy: all keep taking them, so callers get errors rather than hang), and one success
+makes it healthy again.
 
 A batch closes at `max_batch_size` pairs, at `max_batch_tokens` tokens, or `max_wait_ms` after its
 oldest pair was queued, whichever comes first; while draining it closes at once. A request larger than
 a batch is split across forward passes and reassembled in order. A caller that was cancelled (its
 client left) is skipped before it costs engine time. An engine exception fails every request in that
-batch and nothing else. Times come from the event loop's clock, so tests can run on a fake one.
+batch (on that replica) and nothing else. Times come from the event loop's clock, so tests can run on a fake one.
 """
 
 from __future__ import annotations
@@ -58,6 +68,22 @@ class BatcherStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaStats:
+    """One engine replica's counters, for /v1/info and per-replica metrics."""
+
+    index: int
+    device: str
+    busy: bool  # a forward pass is running on it now
+    in_flight_pairs: int
+    batches_run: int
+    failed_batches: int
+    pairs_scored: int
+    inference_s: float  # total time of its forward passes
+    failures_in_a_row: int
+    healthy: bool
+
+
+@dataclass(frozen=True, slots=True)
 class BatchRecord:
     """What one forward pass did; handed to the `on_batch` observer (metrics)."""
 
@@ -66,6 +92,7 @@ class BatchRecord:
     queue_waits_s: tuple[float, ...]  # per request slice: queued → forward pass started
     inference_s: float
     failed: bool
+    replica: int = 0  # index of the engine replica that ran it
 
 
 class _Request:
@@ -89,22 +116,61 @@ class _Slice:
     stop: int
 
 
+class _Replica:
+    """One engine, its thread and its counters. Touched only on the event loop (the engine only in its thread)."""
+
+    def __init__(self, index: int, engine: ScoringEngine) -> None:
+        self.index = index
+        self.engine = engine
+        self.executor: ThreadPoolExecutor | None = None
+        self.in_flight = 0
+        self.busy = False
+        self.batches_run = 0
+        self.failed_batches = 0
+        self.pairs_scored = 0
+        self.inference_s = 0.0
+        self.failures_in_a_row = 0
+
+    def stats(self, failures_before_unhealthy: int) -> ReplicaStats:
+        return ReplicaStats(
+            index=self.index,
+            device=self.engine.info.device,
+            busy=self.busy,
+            in_flight_pairs=self.in_flight,
+            batches_run=self.batches_run,
+            failed_batches=self.failed_batches,
+            pairs_scored=self.pairs_scored,
+            inference_s=self.inference_s,
+            failures_in_a_row=self.failures_in_a_row,
+            healthy=self.failures_in_a_row < failures_before_unhealthy,
+        )
+
+
 class Batcher:
-    """Merges concurrent `submit` calls into forward passes of `engine.score_encoded`."""
+    """Merges concurrent `submit` calls into forward passes of `score_encoded` on one or several engine replicas."""
 
     def __init__(
         self,
-        engine: ScoringEngine,
+        engines: ScoringEngine | Sequence[ScoringEngine],
         *,
         max_batch_size: int,
         max_wait_ms: float,
         max_batch_tokens: int | None,
         max_queue_pairs: int,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        failures_before_unhealthy: int = 3,
     ) -> None:
+        """`engines`: one engine, or one replica per device (all of the same model)."""
         if max_queue_pairs < 1:
             raise ValueError("max_queue_pairs must be at least 1")
-        self._engine = engine
+        if failures_before_unhealthy < 1:
+            raise ValueError("failures_before_unhealthy must be at least 1")
+        replicas = list(engines) if isinstance(engines, Sequence) else [engines]
+        if not replicas:
+            raise ValueError("the batcher needs at least one engine")
+        self._replicas = [_Replica(index, engine) for index, engine in enumerate(replicas)]
+        self._failures_before_unhealthy = failures_before_unhealthy
+        self._health_changed = asyncio.Event()  # wakes unhealthy replicas waiting for their turn
         self._max_batch_tokens = max_batch_tokens
         self._max_queue_pairs = max_queue_pairs
         self._on_batch = on_batch
@@ -115,11 +181,9 @@ class Batcher:
         self._outstanding: set[asyncio.Future[list[float]]] = set()
         self._wake = asyncio.Event()  # set on every change the batch former may be waiting for
         self._handoff: asyncio.Queue[list[_Slice]] = asyncio.Queue(maxsize=1)
-        self._executor: ThreadPoolExecutor | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
 
-        self._in_flight = 0
         self._batches_run = 0
         self._pairs_scored = 0
         self._pairs_dropped = 0
@@ -133,14 +197,15 @@ class Batcher:
     # --- control -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the batch-former and runner tasks and the runner thread."""
+        """Start the batch-former task, and a runner task and thread per replica."""
         if self._tasks:
             raise RuntimeError("batcher already started")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="structsim-runner")
-        self._tasks = [
-            asyncio.create_task(self._form_batches(), name="structsim-batch-former"),
-            asyncio.create_task(self._run_batches(self._executor), name="structsim-batch-runner"),
-        ]
+        self._tasks = [asyncio.create_task(self._form_batches(), name="structsim-batch-former")]
+        for replica in self._replicas:
+            replica.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"structsim-runner-{replica.index}")
+            self._tasks.append(
+                asyncio.create_task(self._run_batches(replica), name=f"structsim-batch-runner-{replica.index}")
+            )
 
     def reconfigure(self, *, max_batch_size: int | None = None, max_wait_ms: float | None = None) -> None:
         """Change the batch limits; a batch that is still forming (and every later one) uses them."""
@@ -162,23 +227,25 @@ class Batcher:
             await asyncio.wait(list(self._outstanding))
 
     async def close(self) -> None:
-        """Drain, then stop the tasks and the runner thread."""
+        """Drain, then stop the tasks and every replica's thread."""
         await self.drain()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._executor is not None:
-            # A pass for callers that already left may still be running; wait for it off the loop.
-            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
-            self._executor = None
+        loop = asyncio.get_running_loop()
+        for replica in self._replicas:
+            if replica.executor is not None:
+                # A pass for callers that already left may still be running; wait for it off the loop.
+                await loop.run_in_executor(None, replica.executor.shutdown)
+                replica.executor = None
 
     @property
     def stats(self) -> BatcherStats:
         return BatcherStats(
             queued_pairs=self._queued_pairs,
             queued_tokens=self._queued_tokens,
-            in_flight_pairs=self._in_flight,
+            in_flight_pairs=sum(replica.in_flight for replica in self._replicas),
             batches_run=self._batches_run,
             pairs_scored=self._pairs_scored,
             pairs_dropped=self._pairs_dropped,
@@ -187,6 +254,19 @@ class Batcher:
             max_batch_size=self._max_batch_size,
             max_wait_ms=self._max_wait_s * 1000,
         )
+
+    @property
+    def replicas(self) -> list[ReplicaStats]:
+        """Per-replica counters, in replica order."""
+        return [replica.stats(self._failures_before_unhealthy) for replica in self._replicas]
+
+    @property
+    def healthy(self) -> bool:
+        """False when every replica is unhealthy (its last passes all failed): liveness should fail."""
+        return any(self._is_healthy(replica) for replica in self._replicas)
+
+    def _is_healthy(self, replica: _Replica) -> bool:
+        return replica.failures_in_a_row < self._failures_before_unhealthy
 
     # --- callers -------------------------------------------------------------------------------
 
@@ -217,8 +297,10 @@ class Batcher:
             raise
 
     def _retry_after_s(self) -> float:
-        """Roughly when the queue will have drained: queued pairs at the last pass's speed, at least 1 s."""
-        return max(1.0, self._queued_pairs * self._seconds_per_pair)
+        """Roughly when the queue will have drained: queued pairs at the last pass's speed on every healthy
+        replica, at least 1 s."""
+        serving = sum(1 for replica in self._replicas if self._is_healthy(replica)) or 1
+        return max(1.0, self._queued_pairs * self._seconds_per_pair / serving)
 
     def _drop_untaken(self, request: _Request) -> None:
         untaken = request.pairs[request.taken :]
@@ -292,11 +374,13 @@ class Batcher:
         self._queued_tokens -= tokens
         return batch
 
-    # --- the runner: one forward pass at a time, in the dedicated thread ------------------------
+    # --- the runners: one per replica, one forward pass at a time in its dedicated thread ---------
 
-    async def _run_batches(self, executor: ThreadPoolExecutor) -> None:
+    async def _run_batches(self, replica: _Replica) -> None:
         loop = asyncio.get_running_loop()
+        assert replica.executor is not None
         while True:
+            await self._wait_for_turn(replica)
             batch = await self._handoff.get()
             self._handoff.task_done()  # the slot is free: the former starts on the next batch
             live = [piece for piece in batch if not piece.request.future.done()]
@@ -307,14 +391,15 @@ class Batcher:
                 continue
             pairs = [pair for piece in live for pair in piece.request.pairs[piece.start : piece.stop]]
             started = loop.time()
-            self._in_flight = len(pairs)
+            replica.in_flight = len(pairs)
+            replica.busy = True
             failed = False
             try:
-                scores = await loop.run_in_executor(executor, self._engine.score_encoded, pairs)
+                scores = await loop.run_in_executor(replica.executor, replica.engine.score_encoded, pairs)
                 if len(scores) != len(pairs):
                     raise RuntimeError(f"engine returned {len(scores)} scores for {len(pairs)} pairs")
             except Exception as exc:  # the engine failed this batch: fail its callers, keep serving
-                log.exception("forward pass of %d pairs failed", len(pairs))
+                log.exception("forward pass of %d pairs on replica %d failed", len(pairs), replica.index)
                 failed = True
                 for piece in live:
                     if not piece.request.future.done():
@@ -322,8 +407,15 @@ class Batcher:
             else:
                 self._fan_out(live, scores)
             finally:
-                self._in_flight = 0
-            self._record(live, len(pairs), started, loop.time(), failed)
+                replica.in_flight = 0
+                replica.busy = False
+            self._record(replica, live, len(pairs), started, loop.time(), failed)
+
+    async def _wait_for_turn(self, replica: _Replica) -> None:
+        """An unhealthy replica waits while a healthy one exists, so batches go where they can succeed."""
+        while not self._is_healthy(replica) and self.healthy:
+            self._health_changed.clear()
+            await self._health_changed.wait()
 
     def _fan_out(self, live: list[_Slice], scores: Sequence[float]) -> None:
         offset = 0
@@ -336,17 +428,35 @@ class Batcher:
             if request.remaining == 0 and not request.future.done():
                 request.future.set_result(request.scores)
 
-    def _record(self, live: list[_Slice], size: int, started: float, finished: float, failed: bool) -> None:
+    def _record(
+        self, replica: _Replica, live: list[_Slice], size: int, started: float, finished: float, failed: bool
+    ) -> None:
         tokens = sum(pair.num_tokens for piece in live for pair in piece.request.pairs[piece.start : piece.stop])
         self._batches_run += 1
         self._last_size = size
         self._last_tokens = tokens
-        if not failed:
+        replica.batches_run += 1
+        replica.inference_s += finished - started
+        was_healthy = self._is_healthy(replica)
+        if failed:
+            replica.failed_batches += 1
+            replica.failures_in_a_row += 1
+        else:
+            replica.failures_in_a_row = 0
+            replica.pairs_scored += size
             self._pairs_scored += size
             self._seconds_per_pair = (finished - started) / size
+        if self._is_healthy(replica) != was_healthy:
+            log.warning(
+                "replica %d (%s) is %s",
+                replica.index,
+                replica.engine.info.device,
+                "healthy again" if not was_healthy else "unhealthy: its last passes all failed",
+            )
+            self._health_changed.set()
         if self._on_batch is not None:
             waits = tuple(started - piece.request.enqueued_at for piece in live)
             try:
-                self._on_batch(BatchRecord(size, tokens, waits, finished - started, failed))
+                self._on_batch(BatchRecord(size, tokens, waits, finished - started, failed, replica.index))
             except Exception:  # an observer's bug must not stop the runner
                 log.exception("on_batch observer failed")
