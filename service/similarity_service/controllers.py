@@ -40,6 +40,7 @@ from similarity_service.schemas import (
     RankRequest,
     RankResponse,
     ReadyResponse,
+    ReplicaInfo,
     SimilarityRequest,
     SimilarityResponse,
 )
@@ -164,6 +165,18 @@ async def info(service: Service) -> InfoResponse:
             matches_model=profile.fingerprint == engine.fingerprint,
         ),
         version=__version__,
+        replicas=[
+            ReplicaInfo(
+                index=stats.index,
+                device=replica.info.device,
+                device_name=replica.info.device_name,
+                compute_capability=replica.info.compute_capability,
+                precision=replica.info.precision,
+                healthy=stats.healthy,
+                batches_run=stats.batches_run,
+            )
+            for replica, stats in zip(service.engines, scorer.batcher.replicas, strict=True)
+        ],
     )
 
 

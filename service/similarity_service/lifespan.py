@@ -1,5 +1,7 @@
 """The service's resources and their order: load → warm up → start batcher → ready; drain → close.
 
+With `devices` set, one engine replica loads per device (one after another: CUDA graph capture in a
+warm-up must not overlap other CUDA work in the process) and all of them serve behind one batcher.
 The model loads in the background once the server listens, so liveness (/healthz) answers while a
 large checkpoint downloads and readiness (/readyz) turns 200 only when warmed up. A load failure is
 fatal: the phase turns FAILED, /healthz 503, and the serve command stops and exits 1.
@@ -11,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import msgspec
 from litestar import Litestar
 
-from similarity_service.batching import Batcher, BatchRecord, Draining
+from similarity_service.batching import Batcher, Draining
 from similarity_service.engine_api import ScoringEngine
 from similarity_service.errors import NotReady
 from similarity_service.gpu_stats import GpuStats
@@ -30,7 +33,8 @@ log = logging.getLogger(__name__)
 EngineFactory = Callable[[Settings], ScoringEngine]
 LOADING_RETRY_AFTER_S = 5.0
 # Forward passes failing back to back with none succeeding mean the device is broken, not the input
-# (input is validated before it is queued): liveness then fails so Kubernetes restarts the pod.
+# (input is validated before it is queued): the replica gets no more batches while another serves, and
+# when every replica is so, liveness fails so Kubernetes restarts the pod.
 FAILED_BATCHES_BEFORE_UNHEALTHY = 3
 
 
@@ -61,6 +65,26 @@ def load_engine(settings: Settings) -> ScoringEngine:
     return engine
 
 
+def replica_devices(settings: Settings) -> list[str]:
+    """The device of each engine replica: `devices` expanded (`auto`: every visible CUDA GPU, else the CPU),
+    or just `device` when `devices` is unset."""
+    if settings.devices is None:
+        return [settings.device]
+    if settings.devices != "auto":
+        return settings.devices.split(",")
+    import torch  # only here: "auto" must ask CUDA how many GPUs this process sees
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{index}" for index in range(count)] or ["cpu"]
+
+
+def load_replicas(engine_factory: EngineFactory, settings: Settings) -> list[ScoringEngine]:
+    """One engine per replica device, loaded and warmed one after another (in the calling thread)."""
+    if settings.devices is None:
+        return [engine_factory(settings)]
+    return [engine_factory(msgspec.structs.replace(settings, device=device)) for device in replica_devices(settings)]
+
+
 class Phase(enum.Enum):
     LOADING = "loading"
     READY = "ready"
@@ -77,9 +101,9 @@ class ServiceState:
         self.phase = Phase.LOADING
         self.error: str | None = None
         self.scorer: Scorer | None = None
+        self.engines: Sequence[ScoringEngine] = ()  # one per replica, in the batcher's replica order
         self.profile: Profile | None = None
         self._gpu_stats: GpuStats | None = None
-        self._failed_in_a_row = 0
 
     # --- gates used by the routes -----------------------------------------------------------------
 
@@ -95,15 +119,16 @@ class ServiceState:
 
     @property
     def healthy(self) -> bool:
-        return self.phase is not Phase.FAILED and self._failed_in_a_row < FAILED_BATCHES_BEFORE_UNHEALTHY
+        return self.phase is not Phase.FAILED and (self.scorer is None or self.scorer.batcher.healthy)
 
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self, engine_factory: EngineFactory) -> None:
         settings = self.settings
-        log.info("loading model %s (precision %s, device %s)", settings.model, settings.precision, settings.device)
+        devices = settings.devices or settings.device
+        log.info("loading model %s (precision %s, devices %s)", settings.model, settings.precision, devices)
         try:
-            engine = await asyncio.to_thread(engine_factory, settings)
+            engines = await asyncio.to_thread(load_replicas, engine_factory, settings)
         except Exception as exc:
             # A configuration problem needs its message; anything else its traceback too.
             log.error("cannot serve: %s", exc, exc_info=not isinstance(exc, EngineLoadError))
@@ -112,28 +137,36 @@ class ServiceState:
             return
         if self.phase is not Phase.LOADING:  # shutdown began while loading
             return
+        engine = engines[0]  # tokenizes and answers for the model: every replica serves the same one
         batcher = Batcher(
-            engine,
+            engines,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_batch_tokens=settings.max_batch_tokens,
             max_queue_pairs=settings.max_queue_pairs,
-            on_batch=self._observe_batch,
+            on_batch=self.metrics.observe_batch,
+            failures_before_unhealthy=FAILED_BATCHES_BEFORE_UNHEALTHY,
         )
         await batcher.start()
+        self.engines = engines
         self.scorer = Scorer(engine, batcher, settings)
         self.profile = self._read_profile(engine)
         self.metrics.watch_batcher(batcher)
         self.metrics.model.info(
-            {"model": engine.info.model_id, "precision": engine.info.precision, "device": engine.info.device}
+            {
+                "model": engine.info.model_id,
+                "precision": engine.info.precision,
+                "device": ",".join(replica.info.device for replica in engines),
+            }
         )
         self._gpu_stats = GpuStats.open()
         if self._gpu_stats is not None:
             self.metrics.add_collector(self._gpu_stats)
         self.phase = Phase.READY
         self.metrics.ready.set(1)
-        info = engine.info
-        log.info("ready: %s in %s on %s (%s)", info.model_id, info.precision, info.device, info.device_name)
+        for replica in engines:
+            info = replica.info
+            log.info("ready: %s in %s on %s (%s)", info.model_id, info.precision, info.device, info.device_name)
 
     async def drain(self, timeout_s: float) -> None:
         """Stop admitting (readiness → 503 at once), then wait up to `timeout_s` for admitted requests."""
@@ -157,10 +190,6 @@ class ServiceState:
             self.metrics.remove_collector(self._gpu_stats)
             self._gpu_stats.close()
             self._gpu_stats = None
-
-    def _observe_batch(self, record: BatchRecord) -> None:
-        self._failed_in_a_row = self._failed_in_a_row + 1 if record.failed else 0
-        self.metrics.observe_batch(record)
 
     def _read_profile(self, engine: ScoringEngine) -> Profile | None:
         if self.settings.profile is None:

@@ -3,17 +3,21 @@
 Per HTTP request: count and latency by route template, method and status (routes only: an unknown
 path is counted by `structsim_rejections_total{reason="not_found"}`). Per forward pass: batch size,
 tokens, each caller's queue wait, inference time. Gauges: queue depth, pairs in flight, readiness.
-GPU memory, utilization and temperature come from gpu_stats when a GPU is present. No torch here.
+Per engine replica (one per GPU), read from the batcher at scrape time and labelled `replica` and
+`device`: passes run and failed, pairs scored, inference seconds, busy and healthy. GPU memory,
+utilization and temperature come from gpu_stats, per GPU, when a GPU is present. No torch here.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from similarity_service.batching import Batcher, BatchRecord
@@ -82,9 +86,10 @@ class ServiceMetrics:
         self.tokens.inc(record.tokens)
 
     def watch_batcher(self, batcher: Batcher) -> None:
-        """Read the queue gauges from the batcher at scrape time."""
+        """Read the queue gauges and the per-replica series from the batcher at scrape time."""
         self.queue_pairs.set_function(lambda: batcher.stats.queued_pairs)
         self.in_flight_pairs.set_function(lambda: batcher.stats.in_flight_pairs)
+        self.registry.register(ReplicaCollector(batcher))
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
@@ -94,6 +99,37 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ReplicaCollector(Collector):
+    """Each engine replica's counters, labelled by replica index and device."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+
+    def collect(self) -> Iterator[Metric]:
+        keys = ["replica", "device"]
+        batches = CounterMetricFamily("structsim_replica_batches", "Forward passes run on the replica", labels=keys)
+        failed = CounterMetricFamily("structsim_replica_failed_batches", "Forward passes that raised", labels=keys)
+        pairs = CounterMetricFamily("structsim_replica_pairs_scored", "Pairs scored on the replica", labels=keys)
+        seconds = CounterMetricFamily(
+            "structsim_replica_inference_seconds", "Time the replica spent in forward passes", labels=keys
+        )
+        busy = GaugeMetricFamily("structsim_replica_busy", "1 while a forward pass runs on the replica", labels=keys)
+        healthy = GaugeMetricFamily(
+            "structsim_replica_healthy",
+            "0 once the replica's last passes all failed (it then gets no batches)",
+            labels=keys,
+        )
+        for replica in self._batcher.replicas:
+            labels = [str(replica.index), replica.device]
+            batches.add_metric(labels, replica.batches_run)
+            failed.add_metric(labels, replica.failed_batches)
+            pairs.add_metric(labels, replica.pairs_scored)
+            seconds.add_metric(labels, replica.inference_s)
+            busy.add_metric(labels, float(replica.busy))
+            healthy.add_metric(labels, float(replica.healthy))
+        yield from (batches, failed, pairs, seconds, busy, healthy)
 
 
 class RequestMetricsMiddleware(ASGIMiddleware):

@@ -137,6 +137,18 @@ class ProfileInfo(msgspec.Struct, frozen=True):
     matches_model: bool  # False: the profile was tuned for other weights or another max_seq_len
 
 
+class ReplicaInfo(msgspec.Struct, frozen=True):
+    """One engine replica: a copy of the model on one device, behind the shared batcher."""
+
+    index: int
+    device: str
+    device_name: str
+    compute_capability: str | None
+    precision: str
+    healthy: bool  # False once its last passes all failed: it gets no batches while another replica serves
+    batches_run: int
+
+
 class InfoResponse(msgspec.Struct, frozen=True):
     model: str
     revision: str | None
@@ -150,6 +162,7 @@ class InfoResponse(msgspec.Struct, frozen=True):
     limits: LimitsInfo
     profile: ProfileInfo | None
     version: str
+    replicas: list[ReplicaInfo]  # one per device; the fields above describe replica 0
 
 
 class LegacySimilarityResponse(msgspec.Struct, frozen=True):

@@ -77,6 +77,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             description="`auto` (the first CUDA GPU if there is one, else the CPU), `cpu`, `cuda` or `cuda:N`.",
         ),
     ] = "auto"
+    devices: Annotated[
+        Annotated[str, Meta(pattern=r"^(auto|(cpu|cuda(:[0-9]+)?)(,(cpu|cuda(:[0-9]+)?))*)$")] | None,
+        Meta(
+            description="Serve with one engine replica per device behind one batcher: `auto` = every visible "
+            "CUDA GPU (one CPU replica when there is none), or a list such as `cuda:0,cuda:1`. Unset = one "
+            "replica on `device`. Each replica holds its own copy of the model; each batch goes to a free "
+            "replica. The operator sets `auto` when a pod gets several GPUs.",
+        ),
+    ] = None
     max_seq_len: Annotated[
         int,
         Meta(
