@@ -101,10 +101,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Meta(
             ge=1,
             le=4096,
-            description="Pairs in one forward pass. Bigger batches raise GPU throughput but also every "
-            "request's latency under load. A tuned profile sets it per GPU type.",
+            description="Most pairs in one forward pass. Bigger batches raise GPU throughput but also every "
+            "request's latency under load; batches are only as big as the queue when the runner frees up. "
+            "A tuned profile sets it per GPU type.",
         ),
-    ] = 32
+    ] = 128
     max_batch_tokens: Annotated[
         Annotated[int, Meta(ge=1)] | None,
         Meta(
@@ -119,10 +120,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ge=0,
             le=10_000,
             description="Milliseconds the first queued pair waits for others to join its batch. 0 runs "
-            "whatever is queued as soon as the runner is free (lowest latency at low load); a few ms "
-            "fills batches under load. A tuned profile sets it per GPU type.",
+            "whatever is queued as soon as the runner is free (lowest latency at low load; under load "
+            "batches still fill behind the running pass); a few ms fills batches at moderate load. A tuned "
+            "profile sets it per GPU type.",
         ),
-    ] = 2.0
+    ] = 0.0
     max_queue_pairs: Annotated[
         int,
         Meta(

@@ -72,12 +72,12 @@ def test_pinned_batch_and_wait_are_one_value_ranges() -> None:
 
 def test_the_default_is_the_untuned_service_config_inside_the_space() -> None:
     assert default_config(gpu("8.6"), build_space(gpu("8.6"))) == ServingConfig(
-        precision="fp16", max_batch_size=32, max_wait_ms=2.0
+        precision="fp16", max_batch_size=128, max_wait_ms=0.0
     )
     assert default_config(CPU, build_space(CPU)).precision == "fp32"
     # Pinned knobs win over the defaults.
-    pinned = build_space(gpu("8.6"), precision="bf16", max_batch_size=128)
-    assert default_config(gpu("8.6"), pinned) == ServingConfig(precision="bf16", max_batch_size=128, max_wait_ms=2.0)
+    pinned = build_space(gpu("8.6"), precision="bf16", max_batch_size=64)
+    assert default_config(gpu("8.6"), pinned) == ServingConfig(precision="bf16", max_batch_size=64, max_wait_ms=0.0)
 
 
 def test_the_largest_batch_is_bounded_by_device_memory(tiny_model_dir: Path) -> None:

@@ -27,7 +27,7 @@ def profile_file(tmp_path: Path) -> Path:
         compute_capability="9.0",
         memory_gib=80.0,
         precision="fp16",
-        max_batch_size=128,
+        max_batch_size=256,  # not the default, so the profile's value is seen
         max_wait_ms=4.0,
         throughput=20_000.0,
         p50_ms=3.0,
@@ -62,12 +62,12 @@ def test_flag_beats_environment_beats_profile_beats_default(profile_file: Path) 
     assert settings.max_wait_ms == 1.0  # flag over environment and profile
     assert settings.max_queue_pairs == 4096  # default
     assert settings.profile == str(profile_file)
-    assert load_settings(parse("--profile", str(profile_file)), {}).max_batch_size == 128
+    assert load_settings(parse("--profile", str(profile_file)), {}).max_batch_size == 256
 
 
 def test_a_profile_sets_only_the_tuned_knobs(profile_file: Path) -> None:
     settings = load_settings({"profile": str(profile_file)}, {})
-    assert (settings.precision, settings.max_batch_size, settings.max_wait_ms) == ("fp16", 128, 4.0)
+    assert (settings.precision, settings.max_batch_size, settings.max_wait_ms) == ("fp16", 256, 4.0)
     assert settings.model == Settings().model and settings.device == "auto"
 
 
