@@ -236,6 +236,12 @@ def _model_args(spec: Spec) -> list[str]:
     return [*args, "--offline"] if spec.model.offline else args
 
 
+def _devices_args(spec: Spec) -> list[str]:
+    """A pod given several GPUs serves on all of them (one engine replica per GPU; the device plugin makes
+    exactly the pod's GPUs visible). One GPU renders no flag, so such pods keep their args (no rollout)."""
+    return ["--devices", "auto"] if spec.gpus_per_pod > 1 else []
+
+
 def _tolerations(spec: Spec) -> list[dict[str, Any]]:
     return [msgspec.to_builtins(toleration) for toleration in spec.tolerations]
 
@@ -266,6 +272,7 @@ def render_daemonset(owner: Owner, spec: Spec, product_label: str, config: Servi
         "serve",
         *_model_args(spec),
         *config.args,
+        *_devices_args(spec),
         "--host",
         "0.0.0.0",
         "--port",

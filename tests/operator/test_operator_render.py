@@ -83,6 +83,8 @@ def test_the_serving_container_follows_the_contract() -> None:
         "v1.0.1",
         "--precision",
         "fp16",
+        "--devices",
+        "auto",  # gpusPerPod 2: the service serves on both GPUs of its limit
         "--host",
         "0.0.0.0",
         "--port",
@@ -219,6 +221,14 @@ def test_offline_reaches_both_pods_and_nothing_else() -> None:
         assert {k: v for k, v in off.items() if k != "args"} == {k: v for k, v in on.items() if k != "args"}
 
 
+def test_one_gpu_per_pod_renders_no_devices_flag() -> None:
+    """One GPU: the service's default device is that GPU; no flag keeps existing pods' args (no rollout)."""
+    spec = parse_spec({**SPEC, "gpusPerPod": 1})
+    c = container(render.render_daemonset(OWNER, spec, H100.labels[0], render.serving(spec, H100, None, None), "cm"))
+    assert "--devices" not in c["args"]
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+
+
 def test_rendered_args_parse_with_the_real_serve_and_autotune() -> None:
     """The flag names are a contract with the service's and autotune's CLIs: parse them there."""
     # Imported here, not at the top: autotune pulls in torch, which no other test in this module needs.
@@ -227,7 +237,7 @@ def test_rendered_args_parse_with_the_real_serve_and_autotune() -> None:
     from similarity_service.commands import serve
     from similarity_service.settings import load_settings
 
-    spec = parse_spec({**SPEC, "model": OFFLINE, "batching": {"maxBatchSize": 16}})
+    spec = parse_spec({**SPEC, "model": OFFLINE, "batching": {"maxBatchSize": 16}, "gpusPerPod": 4})
     config = render.serving(spec, H100, None, None)
     serving = container(render.render_daemonset(OWNER, spec, H100.labels[0], config, "cm"))
     tuning = container(render.render_job(OWNER, spec, H100, fingerprint(spec), 1))
@@ -242,6 +252,7 @@ def test_rendered_args_parse_with_the_real_serve_and_autotune() -> None:
     settings = load_settings(vars(args), env)
     assert (settings.model, settings.revision, settings.offline) == (MODEL, "v1.0.1", True)
     assert (settings.cache_dir, settings.precision, settings.max_batch_size) == ("/models", "fp16", 16)
+    assert settings.devices == "auto"  # every GPU of the pod's limit
 
     args, env = parse(autotune_command.configure, tuning, "autotune")
     options = TuneOptions.from_args(args)
