@@ -188,7 +188,9 @@ class PackedExecutor:
                 self._call(block, cu, tokens)
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+        # Capture on this device's stream: torch.cuda.graph's default capture stream is one per process,
+        # made on whichever device came first, so a second GPU's replica would capture nothing.
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool, stream=side):
             output = self._call(block, cu, tokens)
         self._graphs[(tokens, sequences)] = (graph, output)
 
