@@ -6,10 +6,14 @@ On the synthetic StructBERT-base checkpoint and the project's Chinese corpus, in
   2. a grid over the same space (every precision × log-spaced batch sizes × waits), measured by the
      same objective (so the same load generator, SLO, accuracy guard and pruning of configs whose
      capacity cannot beat the best so far), sized to fit the time left in the run;
-  3. the two winners re-measured back to back, alternating, with longer windows, so the ratio
-     compares them under the same conditions rather than across two noisy runs.
+  3. the two winners re-measured `--rounds` times each, interleaved (A B, B A, A B, …: the order
+     alternates, so a drift of the machine favours neither), each time exactly as a trial measures
+     (warm-up, probe, rate steps), so the ratio compares them under the same conditions rather than
+     across two noisy runs. Each winner's value is the median of its rounds, with min and max; the
+     ratio is the ratio of the medians, with the per-round (paired) ratios as its uncertainty.
 Targets: the autotuner's confirmed throughput >= 0.95 of the grid's, and tuning wall time <= 600 s.
-Writes bench/results/autotune_vs_grid-<card>-<date>.json (card, commit, date) and prints a table.
+Writes bench/results/autotune_vs_grid-<card>-<date>.json (card, commit, date, every confirmation
+round's steps) and prints a table.
 
 GPU:  python3 bench/autotune_vs_grid.py --out-dir $OUT            (fits one device call of < 9 min)
 CPU:  python3 bench/autotune_vs_grid.py --device cpu --quick      (checks the script, not a benchmark)
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -35,13 +40,21 @@ sys.path[:0] = [str(REPO / "service"), str(REPO / "autotune")]  # runs from a pl
 import msgspec  # noqa: E402
 import optuna  # noqa: E402
 from similarity_service.corpus import load_corpus  # noqa: E402
+from similarity_service.engine_api import EncodedPair  # noqa: E402
 
 from similarity_autotune.accuracy import AccuracyGuard  # noqa: E402
-from similarity_autotune.benchmark import LoadGenerator, LoadSettings  # noqa: E402
+from similarity_autotune.benchmark import LoadGenerator, LoadSettings, Measurement  # noqa: E402
 from similarity_autotune.objective import ATTR_SKIPPED, BelowBestPruner, Objective  # noqa: E402
 from similarity_autotune.report import ProgressReporter  # noqa: E402
 from similarity_autotune.runtime import ServingRuntime  # noqa: E402
-from similarity_autotune.session import TuneOptions, TuneResult, open_runtime, service_settings, tune  # noqa: E402
+from similarity_autotune.session import (  # noqa: E402
+    TuneOptions,
+    TuneResult,
+    trial_load_settings,
+    open_runtime,
+    service_settings,
+    tune,
+)
 from similarity_autotune.space import SearchSpace, ServingConfig  # noqa: E402
 from similarity_autotune.study import best_trial  # noqa: E402
 
@@ -57,7 +70,7 @@ GRID_SHAPES: tuple[tuple[int, tuple[float, ...]], ...] = (
     (6, (0.0, 2.0, 10.0)),
     (4, (0.0, 5.0)),
 )
-CONFIRM_ROUNDS = 2  # each winner measured this many times, alternating
+CONFIRM_ROUNDS = 5  # each winner measured this many times, interleaved (--quick: 3)
 
 
 def git_commit() -> str:
@@ -83,15 +96,14 @@ def synthetic_model(size: str) -> Path:
     return path
 
 
-def mean_trial_seconds(study: optuna.Study) -> float:
-    """Average wall time of the tuner's measured trials (pruned ones included; those the accuracy guard
-    skipped excluded): the grid's cost per config."""
-    spans = [
+def trial_seconds(study: optuna.Study) -> list[float]:
+    """Wall time of the tuner's measured trials (pruned ones included; those the accuracy guard
+    skipped excluded)."""
+    return [
         (t.datetime_complete - t.datetime_start).total_seconds()
         for t in study.trials
         if t.datetime_start is not None and t.datetime_complete is not None and ATTR_SKIPPED not in t.user_attrs
     ]
-    return statistics.fmean(spans) if spans else 5.0
 
 
 def choose_grid(space: SearchSpace, seconds_left: float, per_config_s: float) -> list[ServingConfig]:
@@ -147,24 +159,61 @@ def run_grid(
 
 
 def confirm(
-    runtime: ServingRuntime, load: LoadGenerator, configs: dict[str, ServingConfig], slo_p99_ms: float
-) -> dict[str, list[float]]:
-    """Re-measure each named config `CONFIRM_ROUNDS` times, alternating, under identical conditions."""
-    results: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(CONFIRM_ROUNDS):
-        for name, config in configs.items():
-            batcher = runtime.batcher(config)
+    runtime: ServingRuntime,
+    requests: list[list[EncodedPair]],
+    settings: LoadSettings,
+    configs: dict[str, ServingConfig],
+    slo_p99_ms: float,
+    rounds: int,
+) -> dict[str, list[Measurement]]:
+    """Measure each named config `rounds` times as a trial does, interleaved, the order alternating
+    each round; each round has its own arrival seed, the same for every config."""
+    results: dict[str, list[Measurement]] = {name: [] for name in configs}
+    names = list(configs)
+    for round_ in range(rounds):
+        load = LoadGenerator(requests, replace(settings, seed=1 + round_))
+        for name in names if round_ % 2 == 0 else reversed(names):
+            config = configs[name]
             measured = runtime.run(
                 load.measure(
-                    batcher,
+                    runtime.batcher(config),
                     slo_p99_ms=slo_p99_ms,
                     max_batch_size=config.max_batch_size,
                     probe_concurrency=min(2 * config.max_batch_size, runtime.max_queue_pairs),
                 )
             )
-            results[name].append(measured.throughput)
-            print(f"confirm {name}: {config.label()}: {measured.throughput:,.0f} pairs/s", file=sys.stderr, flush=True)
+            results[name].append(measured)
+            print(
+                f"confirm round {round_} {name}: {config.label()}: {measured.throughput:,.0f} pairs/s "
+                f"(at most {measured.upper:,.0f}), p99 {measured.best.p99_ms if measured.best else math.inf:.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     return results
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min, max and (max - min) / median of repeated measurements."""
+    median = statistics.median(values)
+    return {
+        "median": median,
+        "min": min(values),
+        "max": max(values),
+        "relative_spread": (max(values) - min(values)) / median if median > 0 else math.inf,
+    }
+
+
+def ratio_summary(tuner: list[float], grid: list[float]) -> dict[str, object]:
+    """The ratio of the medians, and each round's own ratio (both measured minutes apart at most)."""
+    paired = [a / g if g > 0 else math.inf for a, g in zip(tuner, grid, strict=True)]
+    grid_median = statistics.median(grid)
+    return {
+        "ratio": statistics.median(tuner) / grid_median if grid_median > 0 else math.inf,
+        "paired": paired,
+        "paired_median": statistics.median(paired),
+        "paired_min": min(paired),
+        "paired_max": max(paired),
+    }
 
 
 def main() -> int:
@@ -177,6 +226,9 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="the autotuner's sampler seed")
     parser.add_argument("--quick", action="store_true", help="tiny model, few trials, short windows: checks the script")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help=f"confirmation rounds per winner (default {CONFIRM_ROUNDS}; --quick 3)"
+    )
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     budget_s = args.budget_s or (120.0 if args.quick else 510.0)
@@ -196,10 +248,8 @@ def main() -> int:
         **quick,  # type: ignore[arg-type]
     )
 
-    settings = LoadSettings(step_seconds=options.step_seconds, probe_seconds=options.probe_seconds)
-    confirm_settings = LoadSettings(
-        step_seconds=3 * options.step_seconds, probe_seconds=2 * options.probe_seconds, seed=1
-    )
+    rounds = args.rounds or (3 if args.quick else CONFIRM_ROUNDS)
+    settings = trial_load_settings(options)
     with open_runtime(service_settings(options, os.environ), sys.stderr) as runtime:
         # 1. The autotuner, as the CLI runs it; its time includes loading the engines it tries.
         tune_started = time.perf_counter()
@@ -209,10 +259,12 @@ def main() -> int:
         tuner_best = best_trial(tuned.study.trials)
         assert tuner_best is not None  # tune() raises NoFeasibleConfig otherwise
 
-        # 2. The grid on the same engines, sized to the time left (minus the confirmation's share).
-        per_config_s = mean_trial_seconds(tuned.study)
+        # 2. The grid on the same engines, sized to the time left (minus the confirmation's share: a
+        #    confirmation is a full, unpruned trial, so as long as the tuner's longest).
+        spans = trial_seconds(tuned.study) or [5.0]
+        per_config_s = statistics.fmean(spans)
         requests = [[pair] for pair in runtime.engine("fp32").encode([row.pair for row in load_corpus()])]
-        confirm_reserve_s = 2 * CONFIRM_ROUNDS * 6 * confirm_settings.step_seconds + 30
+        confirm_reserve_s = 2 * rounds * max(spans) + 20
         seconds_left = budget_s - (time.perf_counter() - started) - confirm_reserve_s
         admissible = tuple(p for p in tuned.space.precisions if tuned.accuracy[p].admissible)
         grid = choose_grid(replace(tuned.space, precisions=admissible), seconds_left, per_config_s)
@@ -227,12 +279,16 @@ def main() -> int:
             print("the grid found no feasible config", file=sys.stderr)
             return 1
 
-        # 3. Both winners, back to back.
+        # 3. Both winners, interleaved.
         winners = {"autotune": config_of(tuner_best.params), "grid": config_of(grid_best.params)}
-        confirmed = confirm(runtime, LoadGenerator(requests, confirm_settings), winners, options.p99_ms)
+        confirm_started = time.perf_counter()
+        confirmed = confirm(runtime, requests, settings, winners, options.p99_ms, rounds)
+        confirm_s = time.perf_counter() - confirm_started
+        event_loop = runtime.event_loop
 
-    tuner_conf, grid_conf = statistics.median(confirmed["autotune"]), statistics.median(confirmed["grid"])
-    ratio = tuner_conf / grid_conf if grid_conf > 0 else float("nan")
+    values = {name: [m.throughput for m in measured] for name, measured in confirmed.items()}
+    ratios = ratio_summary(values["autotune"], values["grid"])
+    ratio = float(ratios["ratio"])  # type: ignore[arg-type]
     raw_ratio = (tuner_best.value or 0.0) / (grid_best.value or float("nan"))
     profile = tuned.profile
     card = profile.gpu_product or f"cpu-{profile.device_name}"
@@ -250,6 +306,9 @@ def main() -> int:
         "accuracy_guard": {"max_abs_error": options.max_abs_error, "threshold": options.threshold},
         "accuracy": msgspec.to_builtins(profile.accuracy),
         "load_settings": asdict(settings),
+        "event_loop": event_loop,
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
         "autotune": {
             "trials": len(tuned.study.trials),
             "wall_s": round(tune_s, 1),
@@ -270,11 +329,22 @@ def main() -> int:
             "p99_ms": grid_best.user_attrs.get("p99_ms"),
         },
         "confirmed": {
-            "load_settings": asdict(confirm_settings),
-            "autotune_pairs_per_s": confirmed["autotune"],
-            "grid_pairs_per_s": confirmed["grid"],
+            "rounds": rounds,
+            "order": "interleaved, alternating (A B, B A, ...); each round its own arrival seed",
+            "wall_s": round(confirm_s, 1),
+            "autotune_pairs_per_s": values["autotune"],
+            "grid_pairs_per_s": values["grid"],
+            "autotune": spread(values["autotune"]),
+            "grid": spread(values["grid"]),
+            "paired_ratios": ratios["paired"],
+            "measurements": {name: [m.evidence() for m in measured] for name, measured in confirmed.items()},
         },
         "ratio_confirmed": round(ratio, 4),
+        "ratio_paired": {
+            "median": round(float(ratios["paired_median"]), 4),  # type: ignore[arg-type]
+            "min": round(float(ratios["paired_min"]), 4),  # type: ignore[arg-type]
+            "max": round(float(ratios["paired_max"]), 4),  # type: ignore[arg-type]
+        },
         "ratio_own_runs": round(raw_ratio, 4),
         "targets": {
             "ratio": TARGET_RATIO,
@@ -286,7 +356,7 @@ def main() -> int:
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"autotune_vs_grid-{card.replace(' ', '-')}-{now:%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    out.write_text(json.dumps(_finite(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(table(record))
     print(f"\nwritten {out}")
     return 0
@@ -298,7 +368,7 @@ def table(record: dict) -> str:  # type: ignore[type-arg]
     def cfg(best: dict) -> str:  # type: ignore[type-arg]
         return f"{best['precision']}, batch {best['max_batch_size']}, wait {best['max_wait_ms']:.2f} ms"
 
-    a, g, c = record["autotune"], record["grid"], record["confirmed"]
+    a, g, c, p = record["autotune"], record["grid"], record["confirmed"], record["ratio_paired"]
     rows = [
         f"autotune vs grid on {record['device_name']} ({record['card']}), commit {record['commit']}, "
         f"{record['date']}, p99 SLO {record['slo_p99_ms']:g} ms" + (" [QUICK: not a benchmark]" if record["quick"] else ""),
@@ -310,15 +380,31 @@ def table(record: dict) -> str:  # type: ignore[type-arg]
         f"| wall time | {a['wall_s']:.0f} s (loads, accuracy guard, trials) | {g['wall_s']:.0f} s (trials only) |",
         f"| best config | {cfg(a['best'])} | {cfg(g['best'])} |",
         f"| best throughput, own run | {a['throughput']:,.0f} pairs/s | {g['throughput']:,.0f} pairs/s |",
-        f"| re-measured back to back (median) | {statistics.median(c['autotune_pairs_per_s']):,.0f} pairs/s "
-        f"| {statistics.median(c['grid_pairs_per_s']):,.0f} pairs/s |",
+        f"| re-measured, {c['rounds']} interleaved rounds: median (min–max) | {_spread(c['autotune'])} "
+        f"| {_spread(c['grid'])} |",
         "",
-        f"autotune / grid: {record['ratio_confirmed']:.3f} re-measured, {record['ratio_own_runs']:.3f} from their own runs "
+        f"autotune / grid: {record['ratio_confirmed']:.3f} re-measured (per-round ratios "
+        f"{p['min']:.3f}–{p['max']:.3f}, median {p['median']:.3f}), {record['ratio_own_runs']:.3f} from their own runs "
         f"(target >= {TARGET_RATIO}: {'met' if record['targets']['ratio_met'] else 'NOT met'}); "
         f"time to tune {a['wall_s']:.0f} s (target <= {TARGET_TUNE_S:.0f} s: "
         f"{'met' if record['targets']['tune_wall_met'] else 'NOT met'})",
     ]
     return "\n".join(rows)
+
+
+def _spread(summary: dict) -> str:  # type: ignore[type-arg]
+    return f"{summary['median']:,.0f} ({summary['min']:,.0f}–{summary['max']:,.0f}) pairs/s"
+
+
+def _finite(value: object) -> object:
+    """JSON has no infinity: unanswered requests' latencies become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

@@ -93,10 +93,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     study.add_argument("--seed", type=int, default=None, help="sampler seed (default: random)")
     study.add_argument(
-        "--step-seconds", type=_bounded(float, 0, 60, low_open=True), default=0.5, help="open-loop window per rate step (default: 0.5)"
+        "--step-seconds",
+        type=_bounded(float, 0, 60, low_open=True),
+        default=0.45,
+        help="measured time per open-loop rate step, in 3 windows after a lead-in window (default: 0.45)",
     )
     study.add_argument(
-        "--probe-seconds", type=_bounded(float, 0, 60, low_open=True), default=0.3, help="closed-loop capacity probe (default: 0.3)"
+        "--probe-seconds",
+        type=_bounded(float, 0, 60, low_open=True),
+        default=0.3,
+        help="measured time of the closed-loop capacity probe, in 3 windows after a warm-up (default: 0.3)",
+    )
+    study.add_argument(
+        "--warmup-seconds",
+        type=_bounded(float, 0, 60),
+        default=0.2,
+        help="unmeasured full batches before each trial's probe, at least 3 (default: 0.2)",
     )
 
     output = parser.add_argument_group("output")

@@ -4,7 +4,11 @@ Value: the highest sustained throughput (pairs/s) with p99 under the SLO; maximi
 (`trial.set_constraint`, feasible when <= 0): `accuracy` (the precision's errors against fp32 break
 the tolerance) and `slo` (no rate met the SLO, not even the lowest). A precision that fails the
 accuracy guard is not measured at all. After each rate step the trial reports the most it could still
-reach; `BelowBestPruner` stops it once that is below the best feasible trial so far.
+reach; `BelowBestPruner` stops it once that is clearly below the best feasible trial so far.
+
+Measurements repeat to a few percent, not exactly: trials within `NEAR_TIE` of the best are ties (the
+study then prefers the lowest p99, see `study.best_trial`), and a trial that could still reach a tie is
+not pruned.
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ from similarity_autotune.space import SearchSpace, ServingConfig
 ATTR_P50 = "p50_ms"
 ATTR_P99 = "p99_ms"
 ATTR_CAPACITY = "capacity"
+ATTR_UPPER = "upper"
 ATTR_STEPS = "steps"
 ATTR_SKIPPED = "skipped"
+
+# Relative throughput difference below which two configs count as tied: about what one config's
+# value moves between repeated measurements (bench/autotune_repeatability.py).
+NEAR_TIE = 0.03
 
 
 class TrialObserver(Protocol):
@@ -112,10 +121,12 @@ class Objective:
 
 
 class BelowBestPruner(optuna.pruners.BasePruner):
-    """Prune a trial whose reported upper bound is below the best feasible value so far.
+    """Prune a trial whose reported upper bound is below the best feasible value so far, by more than
+    a near tie.
 
-    Each report is the most the trial can still reach (its capacity, then the first rate that failed),
-    so a pruned trial could not have become the best: pruning only saves time.
+    Each report is the most the trial can still reach (its probe's best window, then the first rate
+    that failed), so a pruned trial could not have become the best, nor tied with it: pruning only
+    saves time.
     """
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
@@ -123,7 +134,7 @@ class BelowBestPruner(optuna.pruners.BasePruner):
         if step is None:
             return False
         best = best_feasible_value(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        return best is not None and trial.intermediate_values[step] < best
+        return best is not None and trial.intermediate_values[step] < best * (1 - NEAR_TIE)
 
 
 def is_feasible(trial: FrozenTrial) -> bool:

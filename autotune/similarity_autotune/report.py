@@ -41,7 +41,10 @@ class ProgressReporter:
             result = note or "no result"
         else:
             best = measurement.best
-            result = f"{best.throughput:,.0f} pairs/s, p50 {best.p50_ms:.1f} ms, p99 {best.p99_ms:.1f} ms"
+            result = (
+                f"{best.throughput:,.0f} pairs/s (at most {measurement.upper:,.0f}), "
+                f"p50 {best.p50_ms:.1f} ms, p99 {best.p99_ms:.1f} ms"
+            )
             result += f" ({note})" if note else ""
         print(f"trial {number}: {config.label()}: {result}", file=self._stream, flush=True)
 

@@ -2,23 +2,26 @@
 
 Trials reuse them: an engine is loaded (and warmed up) the first time its precision is tried and kept
 for the study; its batcher is reconfigured to each trial's batch size and wait. These are the
-service's own `Engine` and `Batcher`, so a trial measures exactly what `structsim serve` runs.
+service's own `Engine` and `Batcher`, on the event loop `structsim serve` gets from uvicorn (uvloop
+where installed) and with serve's GIL switch interval, so a trial measures what serve runs: at GPU
+rates the loop and the hand-offs between it and the runner thread are a large part of a config's cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from similarity_service.batching import Batcher
+from similarity_service.commands.serve import GIL_SWITCH_INTERVAL_S
 from similarity_service.engine_api import ScoringEngine
 
 from similarity_autotune.space import ServingConfig
 
 T = TypeVar("T")
-
 
 
 class TunableEngine(ScoringEngine, Protocol):
@@ -37,9 +40,13 @@ class ServingRuntime:
         self._load_engine = load_engine
         self._max_queue_pairs = max_queue_pairs
         self._max_batch_tokens = max_batch_tokens
-        self._runner = asyncio.Runner()
+        factory = _serve_loop_factory()
+        self.event_loop = "uvloop" if factory is not None else "asyncio"
+        self._runner = asyncio.Runner(loop_factory=factory)
         self._engines: dict[str, TunableEngine] = {}
         self._batchers: dict[str, Batcher] = {}
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as `structsim serve` sets it; restored by close()
 
     @property
     def max_queue_pairs(self) -> int:
@@ -88,6 +95,7 @@ class ServingRuntime:
         finally:
             self._batchers.clear()
             self._runner.close()
+            sys.setswitchinterval(self._switch_interval)
 
     def __enter__(self) -> ServingRuntime:
         return self
@@ -96,3 +104,12 @@ class ServingRuntime:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _serve_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed, as uvicorn's `loop="auto"` picks it for `structsim serve`."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -80,8 +80,9 @@ class TuneOptions:
     timeout: float | None = None
     storage: str | None = None
     seed: int | None = None
-    step_seconds: float = 0.5
-    probe_seconds: float = 0.3
+    step_seconds: float = LoadSettings.step_seconds
+    probe_seconds: float = LoadSettings.probe_seconds
+    warmup_seconds: float = LoadSettings.warmup_seconds
     out: str | None = "profile.json"
     plot: str | None = None
     progress_bars: bool = False
@@ -115,6 +116,13 @@ def service_settings(options: TuneOptions, env: Mapping[str, str]) -> Settings:
         return load_settings(cli=cli, env={key: value for key, value in env.items() if key in names})
     except SettingsError as exc:
         raise TuneInputError(str(exc)) from exc
+
+
+def trial_load_settings(options: TuneOptions) -> LoadSettings:
+    """How each trial is measured: the windows from the options, the rest the defaults."""
+    return LoadSettings(
+        step_seconds=options.step_seconds, probe_seconds=options.probe_seconds, warmup_seconds=options.warmup_seconds
+    )
 
 
 def open_runtime(service: Settings, stream: TextIO) -> ServingRuntime:
@@ -181,7 +189,7 @@ def tune(
         enqueue_default(study, default_config(hardware, space))
         load = LoadGenerator(
             [[pair] for pair in reference.encode(workload)],
-            LoadSettings(step_seconds=options.step_seconds, probe_seconds=options.probe_seconds),
+            trial_load_settings(options),
         )
         objective = Objective(
             space=space,

@@ -12,6 +12,7 @@ new study), so the best found is never worse than the default; no feasible confi
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import warnings
@@ -28,7 +29,7 @@ from similarity_service.profile import PrecisionAccuracy
 
 from similarity_autotune.accuracy import AccuracyGuard, attr_key, from_attrs, measure_accuracy, to_attr
 from similarity_autotune.hardware import Hardware
-from similarity_autotune.objective import BelowBestPruner, Objective, is_feasible
+from similarity_autotune.objective import ATTR_P99, NEAR_TIE, BelowBestPruner, Objective, is_feasible
 from similarity_autotune.runtime import ServingRuntime
 from similarity_autotune.space import SearchSpace, ServingConfig
 
@@ -156,7 +157,21 @@ def run_study(
 
 
 def best_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
-    """The feasible trial with the most throughput (ties: the earlier one), or None."""
+    """The feasible trial with the most throughput, or None.
+
+    Trials within `NEAR_TIE` of the most are ties, as the measurement cannot tell them apart; of those
+    the one with the lowest p99 wins (more headroom under the SLO, so it holds up when re-measured),
+    then the smaller batch, then the earlier trial.
+    """
     feasible = [t for t in trials if is_feasible(t) and (t.value or 0) > 0]
-    return max(feasible, key=lambda t: (t.value, -t.number)) if feasible else None
+    if not feasible:
+        return None
+    most = max(t.value or 0.0 for t in feasible)
+    tied = [t for t in feasible if (t.value or 0.0) >= most * (1 - NEAR_TIE)]
+    return min(tied, key=lambda t: (_p99(t), t.params.get("max_batch_size", 0), t.number))
+
+
+def _p99(trial: FrozenTrial) -> float:
+    value = trial.user_attrs.get(ATTR_P99)
+    return value if isinstance(value, float) and math.isfinite(value) else math.inf
 

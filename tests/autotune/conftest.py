@@ -13,7 +13,10 @@ from similarity_service.cli import main
 # Generous on purpose: CI machines are shared and slow, and these tests check behaviour, not speed.
 FEASIBLE_SLO_MS = "5000"
 # Short windows keep a trial under about a second on a CPU.
-FAST = ["--device", "cpu", "--max-seq-len", "64", "--step-seconds", "0.08", "--probe-seconds", "0.04", "--seed", "7"]
+FAST = [
+    "--device", "cpu", "--max-seq-len", "64", "--step-seconds", "0.06", "--probe-seconds", "0.04", "--warmup-seconds", "0.02",
+    "--seed", "7",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

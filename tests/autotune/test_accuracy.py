@@ -91,7 +91,7 @@ def test_an_inadmissible_precision_is_infeasible_and_never_measured(
         objective = Objective(
             space=SearchSpace(precisions=("fp32", "bf16"), max_batch_size=(4, 4), max_wait_ms=(1.0, 1.0)),
             runtime=runtime,
-            load=LoadGenerator(requests, LoadSettings(step_seconds=0.05, probe_seconds=0.03, fractions=(0.3,), bisections=0)),
+            load=LoadGenerator(requests, LoadSettings(step_seconds=0.05, probe_seconds=0.03, warmup_seconds=0.02, fractions=(0.3,), bisections=0)),
             slo_p99_ms=5000,
             guard=GUARD,
             accuracy=accuracy,
