@@ -10,9 +10,9 @@ only when it has none in flight, so a formed batch goes to a free replica, never
 one while another is idle (a per-replica slot could strand it behind a slow GPU), and batches still
 form while every replica is busy. The slot holds one batch, not one per replica: a batch formed later
 is fuller, and under load a freed replica finds the next batch already formed. A replica whose last
-`failures_before_unhealthy` passes all failed is unhealthy: it takes no batches while a healthy replica
-exists (all unhealthy: all keep taking them, so callers get errors rather than hang), and one success
-makes it healthy again.
+`failures_before_unhealthy` passes all failed (out of memory aside: that is the batch's size, not the device)
+is unhealthy: it takes no batches while a healthy replica exists (all unhealthy: all keep taking them,
+so callers get errors rather than hang), and one success makes it healthy again.
 
 A batch closes at `max_batch_size` pairs, at `max_batch_tokens` tokens, or `max_wait_ms` after its
 oldest pair was queued, whichever comes first; while draining it closes at once. A request larger than
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from similarity_service.engine_api import EncodedPair, ScoringEngine
+from similarity_service.engine_api import EncodedPair, EngineOutOfMemory, ScoringEngine
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ class Batcher:
             started = loop.time()
             replica.in_flight = len(pairs)
             replica.busy = True
-            failed = False
+            failed = device_fault = False
             try:
                 scores = await loop.run_in_executor(replica.executor, replica.engine.score_encoded, pairs)
                 if len(scores) != len(pairs):
@@ -401,6 +401,7 @@ class Batcher:
             except Exception as exc:  # the engine failed this batch: fail its callers, keep serving
                 log.exception("forward pass of %d pairs on replica %d failed", len(pairs), replica.index)
                 failed = True
+                device_fault = not isinstance(exc, EngineOutOfMemory)  # OOM: the batch was too big
                 for piece in live:
                     if not piece.request.future.done():
                         piece.request.future.set_exception(exc)
@@ -409,7 +410,7 @@ class Batcher:
             finally:
                 replica.in_flight = 0
                 replica.busy = False
-            self._record(replica, live, len(pairs), started, loop.time(), failed)
+            self._record(replica, live, len(pairs), started, loop.time(), failed, device_fault)
 
     async def _wait_for_turn(self, replica: _Replica) -> None:
         """An unhealthy replica waits while a healthy one exists, so batches go where they can succeed."""
@@ -429,7 +430,14 @@ class Batcher:
                 request.future.set_result(request.scores)
 
     def _record(
-        self, replica: _Replica, live: list[_Slice], size: int, started: float, finished: float, failed: bool
+        self,
+        replica: _Replica,
+        live: list[_Slice],
+        size: int,
+        started: float,
+        finished: float,
+        failed: bool,
+        device_fault: bool,
     ) -> None:
         tokens = sum(pair.num_tokens for piece in live for pair in piece.request.pairs[piece.start : piece.stop])
         self._batches_run += 1
@@ -440,7 +448,8 @@ class Batcher:
         was_healthy = self._is_healthy(replica)
         if failed:
             replica.failed_batches += 1
-            replica.failures_in_a_row += 1
+            if device_fault:
+                replica.failures_in_a_row += 1
         else:
             replica.failures_in_a_row = 0
             replica.pairs_scored += size

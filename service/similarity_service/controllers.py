@@ -68,7 +68,7 @@ def _errors(*statuses: int) -> dict[int, ResponseSpec]:
         413: "Body, pairs, targets or a sentence over the configured limits",
         415: "The body is not declared as JSON",
         429: "Queue full; retry after `Retry-After` seconds",
-        503: "Loading, failed or shutting down; retry after `Retry-After` seconds",
+        503: "Loading, failed, shutting down or out of GPU memory; retry after `Retry-After` seconds",
     }
     return {s: ResponseSpec(data_container=ErrorBody, description=descriptions[s]) for s in statuses}
 

@@ -23,6 +23,14 @@ class EncodedPair(msgspec.Struct, frozen=True, array_like=True):
         return len(self.input_ids)
 
 
+class EngineOutOfMemory(RuntimeError):
+    """The device ran out of memory for a batch even after the engine split it; the engine stays usable.
+
+    The engine raises a subclass; the HTTP layer answers 503 with Retry-After (the pressure passes, or
+    another replica answers), and it does not count as a broken device.
+    """
+
+
 class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Facts about a loaded engine, shown by /v1/info and recorded in tuned profiles."""
 

@@ -17,6 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
 from similarity_service.batching import Draining, Overloaded
+from similarity_service.engine_api import EngineOutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ _LITESTAR_CODES = {
     415: "unsupported_media_type",
 }
 DRAINING_RETRY_AFTER_S = 1.0  # another pod will answer by then
+# Out of GPU memory: the engine freed its cache; a retry lands in another batch or on another pod.
+OUT_OF_MEMORY_RETRY_AFTER_S = 1.0
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):
@@ -126,6 +129,8 @@ def classify(exc: Exception) -> tuple[int, str, str, float | None]:
         return 429, "overloaded", str(exc), exc.retry_after_s
     if isinstance(exc, Draining):
         return 503, "draining", str(exc), DRAINING_RETRY_AFTER_S
+    if isinstance(exc, EngineOutOfMemory):
+        return 503, "out_of_memory", str(exc), OUT_OF_MEMORY_RETRY_AFTER_S
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         status = exc.status_code
         return status, _LITESTAR_CODES.get(status, f"http_{status}"), _litestar_message(exc), None

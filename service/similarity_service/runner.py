@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from similarity_service.bert import BertSimilarity
-from similarity_service.engine_api import EncodedPair, EngineInfo
+from similarity_service.engine_api import EncodedPair, EngineInfo, EngineOutOfMemory
 from similarity_service.model import UnsupportedModelError, fingerprint, load_model, resolve_model
 from similarity_service.packed import cuda_varlen_attention
 from similarity_service.packed_executor import PackedExecutor
@@ -54,7 +54,7 @@ DEFAULT_MAX_PACKED_PAIRS = 4_096
 PACKED_PRECISIONS = ("fp16", "bf16")
 
 
-class EngineOOMError(RuntimeError):
+class EngineOOMError(EngineOutOfMemory):
     """Out of GPU memory even for a single pair; the engine itself is still usable."""
 
 

@@ -42,6 +42,7 @@ class FakeEngine:
         self.started = threading.Event()  # set when a forward pass begins
         self.threads: set[str] = set()
         self.fail_on_key: int | None = None
+        self.failure: Exception = RuntimeError("CUDA error: device-side assert (fake)")  # raised on fail_on_key
         self.short_by = 0
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
@@ -53,7 +54,7 @@ class FakeEngine:
         self.gate.wait(timeout=30)
         self.batches.append(list(batch))
         if self.fail_on_key is not None and any(p.input_ids[0] == self.fail_on_key for p in batch):
-            raise RuntimeError("CUDA error: device-side assert (fake)")
+            raise self.failure
         return expected(batch)[: len(batch) - self.short_by]
 
     def sizes(self) -> list[int]:

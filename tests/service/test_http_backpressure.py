@@ -173,3 +173,23 @@ def test_engine_errors_answer_500_and_repeated_failures_fail_liveness(engine: Fa
         unhealthy = http.get("/healthz")
         assert unhealthy.status_code == 503 and unhealthy.json()["error"]["code"] == "unhealthy"
         assert server.metric("structsim_failed_batches_total") == 4
+
+
+def test_out_of_gpu_memory_answers_503_with_retry_after_and_keeps_the_pod_alive(engine: FakeEngine) -> None:
+    from similarity_service.runner import EngineOOMError  # what the real engine raises once splitting fails
+
+    engine.fail_on_key = 3
+    engine.failure = EngineOOMError("out of GPU memory on fake (cpu) scoring a single pair of 4 tokens in fp32")
+    with serve(engine) as server, httpx.Client(base_url=server.url) as http:
+        server.wait_ready()
+        for _ in range(4):  # more in a row than the failures that mark a broken device
+            answer = http.post("/v1/similarity", json=PAIR)
+            assert answer.status_code == 503
+            assert answer.json()["error"]["code"] == "out_of_memory"
+            assert answer.json()["error"]["message"].startswith("out of GPU memory on fake")
+            assert int(answer.headers["retry-after"]) >= 1
+        assert http.get("/healthz").status_code == 200  # the engine works: no restart for a batch too big
+        assert http.get("/readyz").status_code == 200
+        assert http.post("/v1/similarity", json={"sentence1": "a", "sentence2": "b"}).status_code == 200
+        assert server.metric("structsim_failed_batches_total") == 4
+        assert server.metric("structsim_rejections_total", reason="out_of_memory") == 4
