@@ -27,6 +27,15 @@ FINGERPRINT_KEY = "fingerprint"
 MODELS_DIR = "/models"
 TUNE_RESULT = "/dev/termination-log"
 RUN_AS = 10001  # the service image's non-root user and group (images/service.Dockerfile)
+# A terminating pod keeps receiving requests until endpoint controllers, kube-proxy and ingresses have
+# dropped it (a few seconds). The preStop sleep holds SIGTERM back that long, so the service starts its
+# drain (503 to anything new) only once traffic has moved to other pods. `sleep` is in the image's base
+# (python slim); the native sleep action needs Kubernetes 1.30 and the chart supports 1.29.
+PRESTOP_SLEEP_S = 5
+# The kubelet kills the pod this long after it starts terminating, preStop included: the sleep, serve's
+# drain (drain_timeout_s, 25 s by default), uvicorn's 5 s to finish writing responses, and margin.
+# tests/operator checks it against serve's own settings.
+TERMINATION_GRACE_S = 45
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -293,6 +302,7 @@ def render_daemonset(owner: Owner, spec: Spec, product_label: str, config: Servi
                 "failureThreshold": 3,
             },
             # A first start downloads the model and warms up; give it 10 minutes before liveness counts.
+            "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
             "startupProbe": {
                 "httpGet": {"path": "/healthz", "port": "http"},
                 "periodSeconds": 10,
@@ -324,7 +334,7 @@ def render_daemonset(owner: Owner, spec: Spec, product_label: str, config: Servi
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": _pod_security_context(),
-                    "terminationGracePeriodSeconds": 30,
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
                     "containers": [container],
                     "volumes": [
                         {"name": "tmp", "emptyDir": {}},

@@ -92,6 +92,8 @@ def test_the_serving_container_follows_the_contract() -> None:
     ]
     assert {"name": "STRUCTSIM_CACHE_DIR", "value": "/models"} in c["env"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # SIGTERM waits until endpoints have dropped the pod; the drain then has its full time before SIGKILL.
+    assert c["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
     assert c["resources"] == {"limits": {"nvidia.com/gpu": "2"}}
     assert c["imagePullPolicy"] == "Always"
     assert c["securityContext"] == {
@@ -102,6 +104,7 @@ def test_the_serving_container_follows_the_contract() -> None:
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     pod = ds["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 45
     assert (
         pod["securityContext"]["runAsNonRoot"] is True
         and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -235,11 +238,13 @@ def test_rendered_args_parse_with_the_real_serve_and_autotune() -> None:
     from similarity_autotune import command as autotune_command
     from similarity_autotune.session import TuneOptions, service_settings
     from similarity_service.commands import serve
+    from similarity_service.commands.serve import SHUTDOWN_GRACE_S
     from similarity_service.settings import load_settings
 
     spec = parse_spec({**SPEC, "model": OFFLINE, "batching": {"maxBatchSize": 16}, "gpusPerPod": 4})
     config = render.serving(spec, H100, None, None)
-    serving = container(render.render_daemonset(OWNER, spec, H100.labels[0], config, "cm"))
+    daemonset = render.render_daemonset(OWNER, spec, H100.labels[0], config, "cm")
+    serving = container(daemonset)
     tuning = container(render.render_job(OWNER, spec, H100, fingerprint(spec), 1))
 
     def parse(configure: Any, c: dict[str, Any], subcommand: str) -> tuple[argparse.Namespace, dict[str, str]]:
@@ -253,6 +258,9 @@ def test_rendered_args_parse_with_the_real_serve_and_autotune() -> None:
     assert (settings.model, settings.revision, settings.offline) == (MODEL, "v1.0.1", True)
     assert (settings.cache_dir, settings.precision, settings.max_batch_size) == ("/models", "fp16", 16)
     assert settings.devices == "auto"  # every GPU of the pod's limit
+    # The kubelet's SIGKILL never cuts serve's drain short: preStop sleep + drain + response grace fit.
+    grace = daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > render.PRESTOP_SLEEP_S + settings.drain_timeout_s + SHUTDOWN_GRACE_S
 
     args, env = parse(autotune_command.configure, tuning, "autotune")
     options = TuneOptions.from_args(args)
