@@ -44,7 +44,7 @@ from similarity_service.engine_api import EncodedPair  # noqa: E402
 
 from similarity_autotune.accuracy import AccuracyGuard  # noqa: E402
 from similarity_autotune.benchmark import LoadGenerator, LoadSettings, Measurement  # noqa: E402
-from similarity_autotune.objective import ATTR_SKIPPED, BelowBestPruner, Objective  # noqa: E402
+from similarity_autotune.objective import ATTR_SKIPPED, ATTR_UPPER, BelowBestPruner, Objective  # noqa: E402
 from similarity_autotune.report import ProgressReporter  # noqa: E402
 from similarity_autotune.runtime import ServingRuntime  # noqa: E402
 from similarity_autotune.session import (  # noqa: E402
@@ -96,13 +96,16 @@ def synthetic_model(size: str) -> Path:
     return path
 
 
-def trial_seconds(study: optuna.Study) -> list[float]:
-    """Wall time of the tuner's measured trials (pruned ones included; those the accuracy guard
-    skipped excluded)."""
+def trial_seconds(study: optuna.Study, *, unpruned: bool = False) -> list[float]:
+    """Wall time of the tuner's measured trials (pruned ones included unless `unpruned`; those the
+    accuracy guard skipped excluded)."""
     return [
         (t.datetime_complete - t.datetime_start).total_seconds()
         for t in study.trials
-        if t.datetime_start is not None and t.datetime_complete is not None and ATTR_SKIPPED not in t.user_attrs
+        if t.datetime_start is not None
+        and t.datetime_complete is not None
+        and ATTR_SKIPPED not in t.user_attrs
+        and not (unpruned and t.state == optuna.trial.TrialState.PRUNED)
     ]
 
 
@@ -261,10 +264,10 @@ def main() -> int:
 
         # 2. The grid on the same engines, sized to the time left (minus the confirmation's share: a
         #    confirmation is a full, unpruned trial, so as long as the tuner's longest).
-        spans = trial_seconds(tuned.study) or [5.0]
-        per_config_s = statistics.fmean(spans)
+        per_config_s = statistics.fmean(trial_seconds(tuned.study) or [5.0])
+        measure_s = 1.25 * statistics.median(trial_seconds(tuned.study, unpruned=True) or [5.0])
         requests = [[pair] for pair in runtime.engine("fp32").encode([row.pair for row in load_corpus()])]
-        confirm_reserve_s = 2 * rounds * max(spans) + 20
+        confirm_reserve_s = 2 * rounds * measure_s + 20
         seconds_left = budget_s - (time.perf_counter() - started) - confirm_reserve_s
         admissible = tuple(p for p in tuned.space.precisions if tuned.accuracy[p].admissible)
         grid = choose_grid(replace(tuned.space, precisions=admissible), seconds_left, per_config_s)
@@ -282,7 +285,9 @@ def main() -> int:
         # 3. Both winners, interleaved.
         winners = {"autotune": config_of(tuner_best.params), "grid": config_of(grid_best.params)}
         confirm_started = time.perf_counter()
-        confirmed = confirm(runtime, requests, settings, winners, options.p99_ms, rounds)
+        # The rounds that fit what is left of the budget (at least one), so the run stays in one call.
+        rounds_left = int((budget_s - (time.perf_counter() - started) - 10) // (2 * measure_s))
+        confirmed = confirm(runtime, requests, settings, winners, options.p99_ms, max(1, min(rounds, rounds_left)))
         confirm_s = time.perf_counter() - confirm_started
         event_loop = runtime.event_loop
 
@@ -315,6 +320,7 @@ def main() -> int:
             "best": tuner_best.params,
             "throughput": tuner_best.value,
             "p99_ms": tuner_best.user_attrs.get("p99_ms"),
+            "upper": tuner_best.user_attrs.get(ATTR_UPPER),
         },
         "grid": {
             "configs": len(grid),
@@ -327,9 +333,10 @@ def main() -> int:
             "best": grid_best.params,
             "throughput": grid_best.value,
             "p99_ms": grid_best.user_attrs.get("p99_ms"),
+            "upper": grid_best.user_attrs.get(ATTR_UPPER),
         },
         "confirmed": {
-            "rounds": rounds,
+            "rounds": len(values["grid"]),
             "order": "interleaved, alternating (A B, B A, ...); each round its own arrival seed",
             "wall_s": round(confirm_s, 1),
             "autotune_pairs_per_s": values["autotune"],
@@ -371,7 +378,8 @@ def table(record: dict) -> str:  # type: ignore[type-arg]
     a, g, c, p = record["autotune"], record["grid"], record["confirmed"], record["ratio_paired"]
     rows = [
         f"autotune vs grid on {record['device_name']} ({record['card']}), commit {record['commit']}, "
-        f"{record['date']}, p99 SLO {record['slo_p99_ms']:g} ms" + (" [QUICK: not a benchmark]" if record["quick"] else ""),
+        f"{record['date']}, p99 SLO {record['slo_p99_ms']:g} ms, event loop {record['event_loop']}"
+        + (" [QUICK: not a benchmark]" if record["quick"] else ""),
         "",
         "| | autotune | grid |",
         "| --- | --- | --- |",
