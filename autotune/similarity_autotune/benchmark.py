@@ -13,10 +13,10 @@ hide queueing: no coordinated omission) under the SLO. The search:
 
 Every measured part is a few short windows judged by their median (p99, backlog, capacity), so one
 stall of the machine spoils one window, not the trial; each step starts with an unmeasured lead-in
-window, so the windows see the queue in its steady state rather than empty. The heap the process had
-before the trial is frozen (`gc.freeze`) while it runs: a full collection of a torch process's few
-hundred thousand objects takes 50-250 ms, fires every few seconds at GPU request rates, and would
-fail whichever window it fell in.
+window, so the windows see the queue in its steady state rather than empty. Before a trial the heap
+is collected and what survives is frozen (`gc.freeze`, as `structsim serve` settles its heap once
+warm): a full collection of a torch process's few hundred thousand objects takes 50-250 ms, fires
+every few seconds at GPU request rates, and would fail whichever window it fell in.
 
 After each step the caller hears the best passing rate so far and the upper bound still possible, so a
 pruner can stop a trial that can no longer beat the study's best. No torch and no model here: the
@@ -442,16 +442,17 @@ class _Collections:
 
 @contextmanager
 def _quiet_heap() -> Iterator[_Collections]:
-    """Freeze the heap as it is (collections then scan only what the trial allocates) and watch the
-    collections that still run; unfreeze afterwards, so frozen garbage is collected between trials."""
+    """Collect, then freeze what survives (later collections scan only what the trial allocates; a
+    frozen object that dies is still freed by its reference count), and watch the collections that
+    still run. The heap stays frozen, as in `structsim serve`: the next trial's freeze is cheap."""
     collections = _Collections()
+    gc.collect()
     gc.freeze()
     gc.callbacks.append(collections)
     try:
         yield collections
     finally:
         gc.callbacks.remove(collections)
-        gc.unfreeze()
 
 
 async def _drain(tasks: set[asyncio.Task[list[float]]], seconds: float) -> None:
