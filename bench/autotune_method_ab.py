@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "service"), str(REPO / "autotune"), str(REPO / "bench")]  # runs from a plain checkout too
 
 from autotune_repeatability import GcPauses, SimulatedDevice  # noqa: E402
-from autotune_vs_grid import git_commit, synthetic_model  # noqa: E402
+from autotune_vs_grid import synthetic_model  # noqa: E402
+from provenance import git_commit  # noqa: E402
 from similarity_service.batching import Batcher  # noqa: E402
 from similarity_service.corpus import load_corpus  # noqa: E402
 

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ sys.path[:0] = [str(REPO / "service"), str(REPO / "autotune")]  # runs from a pl
 
 import msgspec  # noqa: E402
 import optuna  # noqa: E402
+from provenance import git_commit  # noqa: E402
 from similarity_service.corpus import load_corpus  # noqa: E402
 from similarity_service.engine_api import EncodedPair  # noqa: E402
 
@@ -71,18 +71,6 @@ GRID_SHAPES: tuple[tuple[int, tuple[float, ...]], ...] = (
     (4, (0.0, 5.0)),
 )
 CONFIRM_ROUNDS = 5  # each winner measured this many times, interleaved (--quick: 3)
-
-
-def git_commit() -> str:
-    """The commit measured: $STRUCTSIM_COMMIT where the tree travelled without .git, else git's HEAD."""
-    if os.environ.get("STRUCTSIM_COMMIT"):
-        return os.environ["STRUCTSIM_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def synthetic_model(size: str) -> Path:
