@@ -6,6 +6,7 @@ and batcher. OpenAPI is served at /docs (Swagger UI) and /docs/openapi.json.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from litestar import Litestar, Request
@@ -47,10 +48,12 @@ def create_app(
     settings: Settings,
     *,
     engine_factory: EngineFactory = load_engine,
+    on_ready: Callable[[], None] | None = None,
 ) -> Litestar:
-    """The service app; `engine_factory(settings)` loads and warms the engine (tests pass their own)."""
+    """The service app; `engine_factory(settings)` loads and warms the engine (tests pass their own);
+    `on_ready()` runs once it is loaded and warm, before readiness turns 200 (the serve command's hook)."""
     metrics = ServiceMetrics()
-    service = ServiceState(settings, metrics)
+    service = ServiceState(settings, metrics, on_ready)
     return Litestar(
         route_handlers=ROUTES,
         dependencies=DEPENDENCIES,

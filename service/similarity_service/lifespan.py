@@ -95,9 +95,12 @@ class Phase(enum.Enum):
 class ServiceState:
     """The app's one owner of the engine, batcher and scorer, and of the phase that gates them."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: ServiceMetrics, on_ready: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self._on_ready = on_ready  # called once, loaded and warm, just before readiness turns 200
         self.phase = Phase.LOADING
         self.error: str | None = None
         self.scorer: Scorer | None = None
@@ -162,6 +165,8 @@ class ServiceState:
         self._gpu_stats = GpuStats.open()
         if self._gpu_stats is not None:
             self.metrics.add_collector(self._gpu_stats)
+        if self._on_ready is not None:
+            self._on_ready()
         self.phase = Phase.READY
         self.metrics.ready.set(1)
         for replica in engines:

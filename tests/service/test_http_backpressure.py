@@ -17,7 +17,7 @@ import pytest
 from fake_engine import FakeEngine
 from live_server import LiveServer, live_server
 from similarity_service.app import create_app
-from similarity_service.lifespan import EngineLoadError
+from similarity_service.lifespan import EngineLoadError, Phase
 from similarity_service.settings import Settings
 
 PAIR = {"sentence1": "ab", "sentence2": "c"}  # the fake engine scores it 0.0003
@@ -193,3 +193,15 @@ def test_out_of_gpu_memory_answers_503_with_retry_after_and_keeps_the_pod_alive(
         assert http.post("/v1/similarity", json={"sentence1": "a", "sentence2": "b"}).status_code == 200
         assert server.metric("structsim_failed_batches_total") == 4
         assert server.metric("structsim_rejections_total", reason="out_of_memory") == 4
+
+
+def test_the_ready_hook_runs_once_loaded_and_before_readiness(engine: FakeEngine) -> None:
+    seen: list[tuple[Phase, bool]] = []
+
+    def on_ready() -> None:  # structsim serve settles the heap here
+        seen.append((app.state.service.phase, app.state.service.scorer is not None))
+
+    app = create_app(Settings(), engine_factory=lambda settings: engine, on_ready=on_ready)
+    with live_server(app) as server:
+        server.wait_ready()
+        assert seen == [(Phase.LOADING, True)]  # the batcher runs; readiness is not 200 yet

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import socket
 import sys
 from collections.abc import Iterator
@@ -147,6 +148,17 @@ def test_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> None:
         "critical",
     ]
     assert main(argv) == 1
+
+
+def test_settling_the_heap_freezes_it_and_raises_the_young_threshold() -> None:
+    threshold = gc.get_threshold()
+    try:
+        serve.settle_heap()
+        assert gc.get_freeze_count() > 10_000  # the test process's modules, at least
+        assert gc.get_threshold() == (serve.GC_GEN0_THRESHOLD, *threshold[1:])
+    finally:  # give the test process its collector back
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 def test_docs_list_every_setting_as_the_struct_says() -> None:
