@@ -5,7 +5,7 @@ the forwards, the read-back) and times each with a device sync in between, for a
 corpus x8) and for one pair; also the device time of the forwards alone (CUDA events) and of one
 graph replay. Not a benchmark of record: a map for the next optimization (METHOD.md).
 
-GPU:  python3 bench/profile_engine.py
+GPU:  python3 bench/profile_engine.py [--compile] --out-dir bench/results
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import json
 import statistics
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import git_commit
 
 from similarity_service.checkpoint import make_checkpoint
 from similarity_service.corpus import load_corpus
@@ -42,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fp16-residual", action="store_true")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     model_dir = make_checkpoint(Path(tempfile.mkdtemp()) / "base", "base", seed=0)
     engine = Engine.load(model_dir, precision="fp16", device="cuda", compile_model=args.compile,
@@ -50,7 +53,11 @@ def main() -> None:
     executor = engine._packed  # noqa: SLF001 - a profile looks inside
     pairs = [p.pair for p in load_corpus()] * 8
     items = engine.encode(pairs)
-    report: dict = {"pairs": len(items), "compile": args.compile, "fp16_residual": args.fp16_residual}
+    report: dict = {
+        "benchmark": "profile_engine", "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "commit": git_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "pairs": len(items), "compile": args.compile, "fp16_residual": args.fp16_residual,
+    }
 
     report["encode_ms"] = timed(lambda: engine.encode(pairs), 3)
     report["score_encoded_ms"] = timed(lambda: engine.score_encoded(items), 3)
@@ -92,6 +99,9 @@ def main() -> None:
     report["one_score_ms"] = timed(lambda: engine.score([pairs[0]]), 200)
     report["one_encode_ms"] = timed(lambda: engine.encode([pairs[0]]), 200)
     report["one_pack_ms"] = timed(lambda: pack(one), 200)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"profile_engine-{report['card'].replace(' ', '-')}-{'compiled' if args.compile else 'eager'}-{report['date'][:10]}.json"
+    (args.out_dir / name).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=1))
 
 
