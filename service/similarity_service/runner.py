@@ -288,10 +288,7 @@ class Engine:
         except torch.cuda.OutOfMemoryError:
             longest = max(len(item.input_ids) for item in items)
             if max_tokens <= longest:  # the forward that failed held the longest pair alone
-                raise EngineOOMError(
-                    f"out of GPU memory on {self._info.device_name} ({self._info.device}) scoring a single pair "
-                    f"of {longest} tokens in {self._info.precision}; free GPU memory or lower max_seq_len"
-                ) from None
+                raise self._single_pair_oom(longest) from None
         # Retried outside the except block, so the failed attempt's tensors (held by its traceback) are freed.
         torch.cuda.empty_cache()
         return self._run_packed(items, max_tokens // 2)
@@ -303,16 +300,19 @@ class Engine:
                 return self._forward(items, padded)
         except torch.cuda.OutOfMemoryError:
             if len(items) == 1:
-                raise EngineOOMError(
-                    f"out of GPU memory on {self._info.device_name} ({self._info.device}) scoring a single pair "
-                    f"of {len(items[0].input_ids)} tokens in {self._info.precision}; free GPU memory or lower max_seq_len"
-                ) from None
+                raise self._single_pair_oom(len(items[0].input_ids)) from None
         # Retried outside the except block, so the failed attempt's tensors (held by its traceback) are freed.
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
         half = len(items) // 2
         first, second = items[:half], items[half:]
         return self._score_splitting(first, self._padded(first)) + self._score_splitting(second, self._padded(second))
+
+    def _single_pair_oom(self, tokens: int) -> EngineOOMError:
+        return EngineOOMError(
+            f"out of GPU memory on {self._info.device_name} ({self._info.device}) scoring a single pair "
+            f"of {tokens} tokens in {self._info.precision}; free GPU memory or lower max_seq_len"
+        )
 
     def _padded(self, items: list[EncodedPair]) -> int:
         return _bucket(max(len(item.input_ids) for item in items), self.bucket_multiple, self._info.max_seq_len)
