@@ -40,6 +40,33 @@ def timed(fn, reps: int = 5) -> float:
     return statistics.median(out)
 
 
+def kernel_breakdown(executor, one: list) -> dict:  # noqa: ANN001
+    """Device time per kernel of one single-pair forward launched op by op (the graph replays the same
+    kernels): is the replay's time in the kernels themselves or between them?"""
+    from torch.profiler import ProfilerActivity, profile
+
+    block, cu = pack(one)
+    dev_block, dev_cu = torch.from_numpy(block).cuda(), torch.from_numpy(cu).cuda()
+    with torch.inference_mode():
+        for _ in range(3):
+            executor._call(dev_block, dev_cu, int(cu[-1]))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            executor._call(dev_block, dev_cu, int(cu[-1]))
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        by_name.setdefault(event.name[:90], []).append(event.device_time)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+    return {
+        "kernels": len(kernels),
+        "kernel_time_us": sum(e.device_time for e in kernels),
+        "top": [{"name": name, "count": len(times), "total_us": sum(times), "mean_us": sum(times) / len(times)}
+                for name, times in top],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", action="store_true")
@@ -90,7 +117,7 @@ def main() -> None:
     # one pair
     one = items[:1]
     tokens = len(one[0].input_ids)
-    bucket = graph_bucket(tokens, 1)
+    bucket = graph_bucket(tokens, 1, engine.info.max_seq_len)
     graph, _ = executor._graphs[bucket]
     report["one_pair_tokens"] = tokens
     report["one_pair_bucket"] = bucket
@@ -99,6 +126,7 @@ def main() -> None:
     report["one_score_ms"] = timed(lambda: engine.score([pairs[0]]), 200)
     report["one_encode_ms"] = timed(lambda: engine.encode([pairs[0]]), 200)
     report["one_pack_ms"] = timed(lambda: pack(one), 200)
+    report["one_pair_kernels"] = kernel_breakdown(executor, one)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = f"profile_engine-{report['card'].replace(' ', '-')}-{'compiled' if args.compile else 'eager'}-{report['date'][:10]}.json"
     (args.out_dir / name).write_text(json.dumps(report, indent=2))

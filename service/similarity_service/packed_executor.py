@@ -1,14 +1,19 @@
-"""Runs packed forwards on a CUDA device: host packing, one copy per call, CUDA graphs for small batches.
+"""Runs packed forwards on a CUDA device: host packing, one copy per call, CUDA graphs for most batches.
 
 A call (a list of encoded pairs) is sorted by length and cut into sub-batches of at most `max_tokens`
 real tokens; each is packed on the host and copied in one piece just before its launch (so packing
 overlaps the device's work), the forwards run back to back, and the call synchronizes once.
 
-Small calls are launch-bound: BERT-base is ~150 kernels of a few microseconds each. For them the
-executor replays a CUDA graph captured per (token bucket, sequence bucket): the inputs go into a
-static device buffer, padded with dummy sequences (token 0, one token each, plus one that takes the
-rest), so every shape in a bucket runs the same graph; input and output go through persistent
-pinned buffers, so a one-pair call is one copy in, one replay, one copy out.
+Launched op by op, a forward costs the host ~0.5 ms (one pair) to ~3.5 ms (compiled, dynamic shapes)
+of Python and kernel launches whatever its size, with the GIL held: that is most of a small batch's
+time, and it stalls the serving event loop. So every call of up to `GRAPH_TOKEN_BUCKETS[-1]` tokens and
+`GRAPH_SEQUENCE_BUCKETS[-1]` pairs replays a CUDA graph instead, captured per (token bucket, sequence
+bucket): the inputs go into a static device buffer, padded with dummy sequences (one token each, for
+the unused sequence slots, then the rest of the bucket's tokens in a few padding sequences of at most
+`max_seq_len` tokens, so the attention grid is sized by `max_seq_len`, not by the bucket); input and
+output go through persistent pinned buffers, so a call is one copy in, one replay, one copy out. Token
+buckets grow by at most 1.5x, so padding costs at most a third of a bucket's matmul work, and only
+below the size where a forward's device time dwarfs its launch cost.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,16 +30,79 @@ from similarity_service.bert import BertSimilarity
 from similarity_service.engine_api import EncodedPair
 from similarity_service.packed import PackedWeights, VarlenAttention, packed_probabilities
 
-# Graph buckets: total tokens (incl. dummies) and sequences (incl. dummies). Small calls only; above
-# these the launch overhead is a small share of the work.
-GRAPH_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048)
-GRAPH_SEQUENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-_MAX_GRAPH_TOKENS = GRAPH_TOKEN_BUCKETS[-1]
-_MAX_GRAPH_SEQUENCES = GRAPH_SEQUENCE_BUCKETS[-1] + 1  # the padding sequence
+# Graph buckets: total tokens (incl. padding) and real sequence slots.
+GRAPH_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
+GRAPH_SEQUENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 PackedForward = Callable[..., torch.Tensor]
 
 logger = logging.getLogger(__name__)
+
+
+class GraphBucket(NamedTuple):
+    """One captured shape: `tokens` in all, `sequences` slots for real pairs, `padding` padding sequences."""
+
+    tokens: int
+    sequences: int
+    padding: int
+
+    @property
+    def slots(self) -> int:
+        """Sequences the graph runs: real slots, then padding sequences."""
+        return self.sequences + self.padding
+
+
+def _padding_sequences(token_bucket: int, max_seq_len: int) -> int:
+    # enough sequences of at most max_seq_len tokens to hold a whole bucket
+    return -(-token_bucket // max_seq_len)
+
+
+def graph_bucket(tokens: int, sequences: int, max_seq_len: int) -> GraphBucket | None:
+    """The smallest bucket that holds a batch plus its dummy and padding sequences, or None."""
+    for seq_bucket in GRAPH_SEQUENCE_BUCKETS:
+        if seq_bucket < sequences:
+            continue
+        for token_bucket in GRAPH_TOKEN_BUCKETS:
+            padding = _padding_sequences(token_bucket, max_seq_len)
+            # every unused slot gets one dummy token, and every padding sequence at least one token
+            if token_bucket >= tokens + (seq_bucket - sequences) + padding:
+                return GraphBucket(token_bucket, seq_bucket, padding)
+        return None
+    return None
+
+
+def reachable_buckets(max_seq_len: int) -> list[GraphBucket]:
+    """Every bucket `graph_bucket` can return for batches of pairs of at most `max_seq_len` tokens."""
+    buckets = set()
+    lower = 0
+    for seq_bucket in GRAPH_SEQUENCE_BUCKETS:
+        # real batches for this bucket: lower+1 .. seq_bucket pairs of 1 .. max_seq_len tokens each;
+        # the token bucket grows with the tokens, so the extremes and every bucket edge between them suffice
+        for sequences in range(lower + 1, seq_bucket + 1):
+            for tokens in (sequences, sequences * max_seq_len, *GRAPH_TOKEN_BUCKETS):
+                if sequences <= tokens <= sequences * max_seq_len:
+                    bucket = graph_bucket(tokens, sequences, max_seq_len)
+                    if bucket is not None:
+                        buckets.add(bucket)
+        lower = seq_bucket
+    return sorted(buckets, reverse=True)  # largest first: the shared memory pool grows once
+
+
+def graph_offsets(cu: np.ndarray, bucket: GraphBucket, max_seq_len: int) -> np.ndarray:
+    """cu_seqlens [slots + 1] for `cu`'s real sequences laid into `bucket`: the real ones, one-token
+    dummies for the unused slots, then the remaining tokens spread over the padding sequences (each
+    1 .. max_seq_len tokens)."""
+    sequences, tokens = len(cu) - 1, int(cu[-1])
+    dummies = bucket.sequences - sequences
+    rest = bucket.tokens - tokens - dummies
+    assert bucket.padding <= rest <= bucket.padding * max_seq_len, (bucket, tokens, sequences)
+    per_padding = np.full(bucket.padding, rest // bucket.padding, dtype=np.int32)
+    per_padding[: rest % bucket.padding] += 1
+    out = np.empty(bucket.slots + 1, dtype=np.int32)
+    out[: sequences + 1] = cu
+    out[sequences + 1 : bucket.sequences + 1] = tokens + np.arange(1, dummies + 1, dtype=np.int32)
+    out[bucket.sequences + 1 :] = tokens + dummies + np.cumsum(per_padding)
+    return out
 
 
 def pack(items: Sequence[EncodedPair]) -> tuple[np.ndarray, np.ndarray]:
@@ -62,20 +131,6 @@ def split_by_tokens(cu: np.ndarray, max_tokens: int, max_pairs: int) -> list[tup
     return ranges
 
 
-def graph_bucket(tokens: int, sequences: int) -> tuple[int, int] | None:
-    """The smallest (token, sequence) bucket that holds a batch plus its dummy sequences, or None."""
-    for seq_bucket in GRAPH_SEQUENCE_BUCKETS:
-        if seq_bucket < sequences:
-            continue
-        # every dummy sequence needs a token, and one more dummy holds the padding tokens
-        needed = tokens + (seq_bucket - sequences) + 1
-        for token_bucket in GRAPH_TOKEN_BUCKETS:
-            if token_bucket >= needed:
-                return token_bucket, seq_bucket
-        return None
-    return None
-
-
 class PackedExecutor:
     """Packed forwards of one model on one device. Not thread-safe: the engine serializes calls.
 
@@ -89,6 +144,7 @@ class PackedExecutor:
         device: torch.device,
         attention: VarlenAttention,
         *,
+        max_seq_len: int,
         compile_model: bool = False,
         residual_fp32: bool = True,
     ) -> None:
@@ -96,19 +152,21 @@ class PackedExecutor:
         self._weights = PackedWeights.of(model, residual_fp32=residual_fp32)
         self._device = device
         self._attention = attention
+        self._max_seq_len = max_seq_len
         self._forward: PackedForward = packed_probabilities
         if compile_model:
             self._forward = torch.compile(packed_probabilities, dynamic=True)
         cuda = device.type == "cuda"
         self._pin = cuda
-        # Graph inputs: static device buffer [ids | types | positions | cu_seqlens], mirrored by a
-        # persistent pinned host buffer; graph outputs land in a persistent pinned host buffer.
-        size = 3 * _MAX_GRAPH_TOKENS + _MAX_GRAPH_SEQUENCES + 1
+        # Graph inputs: a static device buffer laid out per bucket as [ids | types | positions | cu_seqlens],
+        # mirrored by a persistent pinned host buffer; graph outputs land in a persistent pinned host buffer.
+        max_slots = max((bucket.slots for bucket in reachable_buckets(max_seq_len)), default=1)
+        size = 3 * GRAPH_TOKEN_BUCKETS[-1] + max_slots + 1
         self._static = torch.zeros(size, dtype=torch.int32, device=device)
         self._host_in = torch.zeros(size, dtype=torch.int32, pin_memory=cuda)
-        self._host_out = torch.zeros(_MAX_GRAPH_SEQUENCES, dtype=torch.float32, pin_memory=cuda)
-        self._cls_offsets = torch.arange(_MAX_GRAPH_SEQUENCES + 1, dtype=torch.int32, device=device)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._host_out = torch.zeros(max_slots, dtype=torch.float32, pin_memory=cuda)
+        self._cls_offsets = torch.arange(max_slots + 1, dtype=torch.int32, device=device)
+        self._graphs: dict[GraphBucket, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if cuda else None
 
     def run(
@@ -119,9 +177,10 @@ class PackedExecutor:
         if not items:
             return []
         tokens = sum(len(item.input_ids) for item in items)
-        bucket = graph_bucket(tokens, len(items)) if use_graphs and self._pool is not None else None
+        graphs = use_graphs and self._pool is not None and len(items) <= max_pairs and tokens <= max_tokens
+        bucket = graph_bucket(tokens, len(items), self._max_seq_len) if graphs else None
         with torch.inference_mode():
-            if bucket is not None and len(items) <= max_pairs and tokens <= max_tokens:
+            if bucket is not None:
                 return self._replay(*pack(items), bucket)
             # Length-sorted sub-batches: each forward's longest pair sets its attention grid (max_len).
             order = sorted(range(len(items)), key=lambda index: len(items[index].input_ids))
@@ -169,54 +228,50 @@ class PackedExecutor:
             outputs.append(self._call(on_device[: 3 * tokens].view(3, tokens), on_device[3 * tokens :], max_len))
         return torch.cat(outputs).cpu().tolist()
 
-    def _static_views(self, tokens: int, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-        block = self._static[: 3 * _MAX_GRAPH_TOKENS].view(3, _MAX_GRAPH_TOKENS)[:, :tokens]
-        cu = self._static[3 * _MAX_GRAPH_TOKENS : 3 * _MAX_GRAPH_TOKENS + sequences + 2]
-        return block, cu
+    def _max_len(self, bucket: GraphBucket) -> int:
+        # no sequence of a bucket is longer: real pairs are tokenized to max_seq_len, padding is cut to it
+        return min(bucket.tokens, self._max_seq_len)
 
-    def capture(self, tokens: int, sequences: int) -> None:
+    def capture(self, bucket: GraphBucket) -> None:
         """Capture the graph of one bucket (warm-up runs first, on a side stream, as CUDA graphs require)."""
-        if (tokens, sequences) in self._graphs:
+        if bucket in self._graphs:
             return
-        block, cu = self._static_views(tokens, sequences)
-        # A valid packing to capture with: one 1-token sequence per slot, the padding in the last.
-        cu.copy_(torch.tensor([*range(sequences + 1), tokens], dtype=torch.int32))
+        size = 3 * bucket.tokens
+        block = self._static[:size].view(3, bucket.tokens)
+        cu = self._static[size : size + bucket.slots + 1]
+        # A valid packing to capture with: no real pairs, every slot a dummy, the rest padding.
+        cu.copy_(torch.from_numpy(graph_offsets(np.zeros(1, dtype=np.int32), bucket, self._max_seq_len)))
         side = torch.cuda.Stream(self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):
-                self._call(block, cu, tokens)
+                self._call(block, cu, self._max_len(bucket))
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # Capture on this device's stream: torch.cuda.graph's default capture stream is one per process,
         # made on whichever device came first, so a second GPU's replica would capture nothing.
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool, stream=side):
-            output = self._call(block, cu, tokens)
-        self._graphs[(tokens, sequences)] = (graph, output)
+            output = self._call(block, cu, self._max_len(bucket))
+        self._graphs[bucket] = (graph, output)
 
     def capture_all(self) -> None:
-        """Capture every bucket (warm-up before ready: no request pays for a capture)."""
-        for tokens in GRAPH_TOKEN_BUCKETS:
-            for sequences in GRAPH_SEQUENCE_BUCKETS:
-                if tokens >= sequences + 2:
-                    self.capture(tokens, sequences)
+        """Capture every bucket, largest first (warm-up before ready: no request pays for a capture)."""
+        for bucket in reachable_buckets(self._max_seq_len):
+            self.capture(bucket)
 
-    def _replay(self, block: np.ndarray, cu: np.ndarray, bucket: tuple[int, int]) -> list[float]:
-        token_bucket, seq_bucket = bucket
+    def _replay(self, block: np.ndarray, cu: np.ndarray, bucket: GraphBucket) -> list[float]:
         if bucket not in self._graphs:
-            self.capture(token_bucket, seq_bucket)
+            self.capture(bucket)
         graph, output = self._graphs[bucket]
         tokens, sequences = block.shape[1], len(cu) - 1
+        size = 3 * bucket.tokens
         host = self._host_in.numpy()
-        rows = host[: 3 * _MAX_GRAPH_TOKENS].reshape(3, _MAX_GRAPH_TOKENS)
+        rows = host[:size].reshape(3, bucket.tokens)
         rows[:, :tokens] = block
-        rows[:, tokens:token_bucket] = 0  # padding: id 0, type 0, position 0
-        offsets = host[3 * _MAX_GRAPH_TOKENS : 3 * _MAX_GRAPH_TOKENS + seq_bucket + 2]
-        offsets[: sequences + 1] = cu
-        dummies = seq_bucket - sequences  # one token each, then one sequence with the rest
-        offsets[sequences + 1 : seq_bucket + 1] = tokens + np.arange(1, dummies + 1, dtype=np.int32)
-        offsets[seq_bucket + 1] = token_bucket
-        self._static.copy_(self._host_in, non_blocking=True)
+        rows[:, tokens:] = 0  # dummies and padding: id 0, type 0, position 0
+        host[size : size + bucket.slots + 1] = graph_offsets(cu, bucket, self._max_seq_len)
+        used = size + bucket.slots + 1
+        self._static[:used].copy_(self._host_in[:used], non_blocking=True)
         graph.replay()
         self._host_out[:sequences].copy_(output[:sequences], non_blocking=True)
         torch.cuda.current_stream(self._device).synchronize()

@@ -9,7 +9,7 @@ the caller's order. A CUDA out-of-memory error on a sub-batch empties the alloca
 retries the two halves, down to a single pair, before giving up with `EngineOOMError`.
 
 On CUDA in fp16/bf16 the engine runs packed instead (packed.py, packed_executor.py): no padding at
-all, variable-length flash attention, CUDA graphs for small batches, optionally torch.compile; the
+all, variable-length flash attention, CUDA graphs for every batch of up to 16k tokens, optionally torch.compile; the
 sub-batches are cut by real tokens, launched back to back, and synchronized once at the end.
 """
 
@@ -150,7 +150,7 @@ class Engine:
         Device and precision are checked first, so a bad flag fails before a download.
 
         `packed`, `cuda_graphs`, `compile_model` and `residual_fp32` choose the CUDA fp16/bf16 fast path's
-        levers (they do nothing elsewhere): packed varlen forwards, CUDA graphs for small batches,
+        levers (they do nothing elsewhere): packed varlen forwards, CUDA graphs for batches of up to 16k tokens,
         torch.compile (~30 s more to start, faster forwards; falls back to eager if it fails), and an fp32
         residual stream (more accurate, a little slower). `max_batch_size` (pairs) and `max_batch_tokens` bound one forward; their
         defaults depend on the path (padded: 256 pairs, 32k padded tokens; packed: 4096 pairs, 64k real tokens).
@@ -188,7 +188,12 @@ class Engine:
         attention = cuda_varlen_attention()
         if packed and torch_device.type == "cuda" and chosen in PACKED_PRECISIONS and attention is not None:
             executor = PackedExecutor(
-                module, torch_device, attention, compile_model=compile_model, residual_fp32=residual_fp32
+                module,
+                torch_device,
+                attention,
+                max_seq_len=max_seq_len,
+                compile_model=compile_model,
+                residual_fp32=residual_fp32,
             )
         packed_path = executor is not None
         if max_batch_size is None:

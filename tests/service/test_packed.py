@@ -16,7 +16,9 @@ from similarity_service.packed_executor import (
     GRAPH_SEQUENCE_BUCKETS,
     GRAPH_TOKEN_BUCKETS,
     graph_bucket,
+    graph_offsets,
     pack,
+    reachable_buckets,
     split_by_tokens,
 )
 from similarity_service.tokenization import PairTokenizer
@@ -43,19 +45,70 @@ def test_split_by_tokens_covers_every_sequence_once_within_budgets(max_tokens: i
         assert end - start == 1 or sum(lengths[start:end]) <= max_tokens
 
 
-@pytest.mark.parametrize(("tokens", "sequences"), [(1, 1), (30, 1), (62, 1), (63, 1), (100, 3), (500, 17), (1900, 64)])
-def test_graph_bucket_holds_the_batch_and_its_dummy_sequences(tokens: int, sequences: int) -> None:
-    bucket = graph_bucket(tokens, sequences)
+@pytest.mark.parametrize(
+    ("tokens", "sequences"), [(1, 1), (30, 1), (62, 1), (63, 1), (100, 3), (500, 17), (1900, 64), (7000, 128), (16000, 200)]
+)
+def test_graph_bucket_holds_the_batch_and_its_dummy_and_padding_sequences(tokens: int, sequences: int) -> None:
+    bucket = graph_bucket(tokens, sequences, 512)
     assert bucket is not None
-    token_bucket, seq_bucket = bucket
-    assert seq_bucket >= sequences
-    assert token_bucket >= tokens + (seq_bucket - sequences) + 1  # each dummy has a token, padding one more
-    assert token_bucket in GRAPH_TOKEN_BUCKETS and seq_bucket in GRAPH_SEQUENCE_BUCKETS
+    assert bucket.sequences >= sequences
+    assert bucket.padding * 512 >= bucket.tokens  # padding sequences never longer than max_seq_len
+    assert bucket.tokens >= tokens + (bucket.sequences - sequences) + bucket.padding  # one token each at least
+    assert bucket.tokens in GRAPH_TOKEN_BUCKETS and bucket.sequences in GRAPH_SEQUENCE_BUCKETS
 
 
 @pytest.mark.parametrize(("tokens", "sequences"), [(GRAPH_TOKEN_BUCKETS[-1], 1), (100, GRAPH_SEQUENCE_BUCKETS[-1] + 1)])
 def test_graph_bucket_is_none_past_the_largest(tokens: int, sequences: int) -> None:
-    assert graph_bucket(tokens, sequences) is None
+    assert graph_bucket(tokens, sequences, 512) is None
+
+
+@pytest.mark.parametrize("max_seq_len", [64, 512])
+def test_graph_offsets_keep_real_sequences_and_bound_every_padding_sequence(max_seq_len: int) -> None:
+    rng = np.random.default_rng(0)
+    reachable = set(reachable_buckets(max_seq_len))
+    for _ in range(300):
+        count = int(rng.integers(1, 600))
+        lengths = rng.integers(1, max_seq_len + 1, size=count)
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        bucket = graph_bucket(int(cu[-1]), count, max_seq_len)
+        if bucket is None:
+            continue
+        assert bucket in reachable  # capture_all captured it before the first request
+        offsets = graph_offsets(cu, bucket, max_seq_len)
+        assert len(offsets) == bucket.slots + 1
+        assert offsets[: count + 1].tolist() == cu.tolist()
+        assert offsets[-1] == bucket.tokens
+        extra = np.diff(offsets[count:])
+        assert extra.min() >= 1 and extra.max() <= max_seq_len  # no empty sequence, none past max_len
+
+
+def test_a_batch_laid_into_its_graph_bucket_scores_as_it_does_alone(
+    tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]]
+) -> None:
+    """The graph layout (dummy and padding sequences, max_len cut to max_seq_len) changes no real score.
+    Checked on the CPU with the graph's exact inputs, run eagerly (CUDA graphs replay the same forward)."""
+    max_seq_len = 32  # short, so the bucket needs several padding sequences
+    module = load_model(resolve_model(tiny_model_dir)).module
+    items = PairTokenizer(tiny_model_dir, max_seq_len=max_seq_len).encode(chinese_pairs[:11])
+    block, cu = pack(items)
+    bucket = graph_bucket(block.shape[1], len(items), max_seq_len)
+    assert bucket is not None and bucket.padding > 1 and bucket.sequences > len(items)
+    padded = np.zeros((3, bucket.tokens), dtype=np.int32)
+    padded[:, : block.shape[1]] = block
+    offsets = graph_offsets(cu, bucket, max_seq_len)
+    weights = PackedWeights.of(module)
+
+    def forward(ids: np.ndarray, offsets: np.ndarray, max_len: int) -> torch.Tensor:
+        tensors = [torch.from_numpy(np.ascontiguousarray(row)) for row in ids]
+        sequences = len(offsets) - 1
+        cls = torch.arange(sequences + 1, dtype=torch.int32)
+        return packed_probabilities(weights, *tensors, torch.from_numpy(offsets), cls, max_len, reference_varlen_attention)
+
+    with torch.inference_mode():
+        alone = forward(block, cu, max(len(item.input_ids) for item in items))
+        in_bucket = forward(padded, offsets, min(bucket.tokens, max_seq_len))
+    assert in_bucket.shape == (bucket.slots,)
+    torch.testing.assert_close(in_bucket[: len(items)], alone, atol=1e-6, rtol=0)
 
 
 def test_packed_forward_matches_padded_forward(tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]]) -> None:
@@ -91,13 +144,12 @@ def test_packed_forward_matches_padded_forward(tiny_model_dir: Path, chinese_pai
 def test_executor_packs_large_batches_like_the_padded_forward(
     tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]]
 ) -> None:
-    """More sequences than the graph buckets hold, through the executor's own packing (CPU, no graphs)."""
+    """Several forwards cut by the token budget, through the executor's own packing (CPU: no graphs)."""
     from similarity_service.packed_executor import PackedExecutor
 
     loaded = load_model(resolve_model(tiny_model_dir))
     items = PairTokenizer(tiny_model_dir, max_seq_len=128).encode(chinese_pairs * 2)
-    assert len(items) > GRAPH_SEQUENCE_BUCKETS[-1] + 1
-    executor = PackedExecutor(loaded.module, torch.device("cpu"), reference_varlen_attention)
+    executor = PackedExecutor(loaded.module, torch.device("cpu"), reference_varlen_attention, max_seq_len=128)
     # no graphs on the CPU: the eager path, cut into several forwards by the token budget
     got = executor.run(items, max_tokens=300, max_pairs=50, use_graphs=True)
     with torch.inference_mode():
