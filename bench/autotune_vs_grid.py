@@ -195,15 +195,20 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def ratio_summary(tuner: list[float], grid: list[float]) -> dict[str, object]:
-    """The ratio of the medians, and each round's own ratio (both measured minutes apart at most)."""
-    paired = [a / g if g > 0 else math.inf for a, g in zip(tuner, grid, strict=True)]
+    """The ratio of the medians, and each round's own ratio (both measured minutes apart at most).
+
+    A round whose grid winner sustained nothing under the SLO has no ratio (NaN), and a grid median of
+    zero leaves the ratio undetermined (NaN): the measurement failed, the autotuner did not win.
+    """
+    paired = [a / g if g > 0 else math.nan for a, g in zip(tuner, grid, strict=True)]
+    defined = [ratio for ratio in paired if math.isfinite(ratio)]
     grid_median = statistics.median(grid)
     return {
-        "ratio": statistics.median(tuner) / grid_median if grid_median > 0 else math.inf,
+        "ratio": statistics.median(tuner) / grid_median if grid_median > 0 else math.nan,
         "paired": paired,
-        "paired_median": statistics.median(paired),
-        "paired_min": min(paired),
-        "paired_max": max(paired),
+        "paired_median": statistics.median(defined) if defined else math.nan,
+        "paired_min": min(defined, default=math.nan),
+        "paired_max": max(defined, default=math.nan),
     }
 
 
@@ -343,7 +348,7 @@ def main() -> int:
         "ratio_own_runs": round(raw_ratio, 4),
         "targets": {
             "ratio": TARGET_RATIO,
-            "ratio_met": ratio >= TARGET_RATIO,
+            "ratio_met": math.isfinite(ratio) and ratio >= TARGET_RATIO,
             "tune_wall_s": TARGET_TUNE_S,
             "tune_wall_met": tune_s <= TARGET_TUNE_S,
         },
@@ -379,13 +384,18 @@ def table(record: dict) -> str:  # type: ignore[type-arg]
         f"| re-measured, {c['rounds']} interleaved rounds: median (min–max) | {_spread(c['autotune'])} "
         f"| {_spread(c['grid'])} |",
         "",
-        f"autotune / grid: {record['ratio_confirmed']:.3f} re-measured (per-round ratios "
-        f"{p['min']:.3f}–{p['max']:.3f}, median {p['median']:.3f}), {record['ratio_own_runs']:.3f} from their own runs "
-        f"(target >= {TARGET_RATIO}: {'met' if record['targets']['ratio_met'] else 'NOT met'}); "
+        f"autotune / grid: {_ratio(record['ratio_confirmed'])} re-measured (per-round ratios "
+        f"{_ratio(p['min'])}–{_ratio(p['max'])}, median {_ratio(p['median'])}), {_ratio(record['ratio_own_runs'])} "
+        f"from their own runs (target >= {TARGET_RATIO}: {'met' if record['targets']['ratio_met'] else 'NOT met'}); "
         f"time to tune {a['wall_s']:.0f} s (target <= {TARGET_TUNE_S:.0f} s: "
         f"{'met' if record['targets']['tune_wall_met'] else 'NOT met'})",
     ]
     return "\n".join(rows)
+
+
+def _ratio(value: float | None) -> str:
+    """A ratio, or why there is none (None: not finite, as `_finite` writes it)."""
+    return f"{value:.3f}" if value is not None and math.isfinite(value) else "undetermined"
 
 
 def _spread(summary: dict) -> str:  # type: ignore[type-arg]
