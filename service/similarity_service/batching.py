@@ -1,9 +1,16 @@
 """The dynamic micro-batcher: many callers' pairs merged into few forward passes. No torch here.
 
-Ownership, as in text-embeddings-inference: callers hold only futures; one task (the batch former)
-owns the queue; a one-slot hand-off lets the next batch form while the runners compute. Each engine
-replica (one per GPU) has its own runner task and its own dedicated thread, so the engine is never
-called from the event loop and never from two threads at once.
+Ownership, as in text-embeddings-inference: callers hold only futures; the event loop owns the queue
+and forms batches; a one-slot hand-off lets the next batch form while the engines compute. Each engine
+replica (one per GPU) has its own dedicated thread, so the engine is never called from the event loop
+and never from two threads at once.
+
+The loop and the threads meet only at the slot and at one callback per pass. Batches form on the loop
+in plain callbacks, not a task: when a request is submitted, when the slot empties, when a pass is
+answered, when a batch's deadline passes. A replica thread takes the slot's batch itself, runs it, hands
+the scores back with one `call_soon_threadsafe` (the loop then resolves every caller's future at once)
+and takes the next batch straight away if one is formed: under load the engine never waits for the
+loop, and a request costs the loop one wake-up of its caller, not a chain of task switches.
 
 Dispatch to several replicas is pull-based: a replica takes a batch from the shared one-slot hand-off
 only when it has none in flight, so a formed batch goes to a free replica, never waits behind a busy
@@ -15,10 +22,12 @@ is unhealthy: it takes no batches while a healthy replica exists (all unhealthy:
 so callers get errors rather than hang), and one success makes it healthy again.
 
 A batch closes at `max_batch_size` pairs, at `max_batch_tokens` tokens, or `max_wait_ms` after its
-oldest pair was queued, whichever comes first; while draining it closes at once. A request larger than
-a batch is split across forward passes and reassembled in order. A caller that was cancelled (its
-client left) is skipped before it costs engine time. An engine exception fails every request in that
-batch (on that replica) and nothing else. Times come from the event loop's clock, so tests can run on a fake one.
+oldest pair was queued, whichever comes first (with `max_wait_ms` 0 a lone request goes at once); while
+draining it closes at once. A request larger than a batch is split across forward passes and reassembled
+in order. A caller that was cancelled (its client left) is skipped before it costs engine time. An
+engine exception fails every request in that batch (on that replica) and nothing else. Queue times and
+deadlines come from the event loop's clock, so tests can run on a fake one; a pass's duration is
+measured in its thread.
 """
 
 from __future__ import annotations
@@ -27,8 +36,9 @@ import asyncio
 import collections
 import logging
 import math
+import threading
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from similarity_service.engine_api import EncodedPair, EngineOutOfMemory, ScoringEngine
@@ -96,35 +106,53 @@ class BatchRecord:
 
 
 class _Request:
-    """One caller's pairs, future and progress. Touched only on the event loop."""
+    """One caller's pairs, future and progress. Touched only on the event loop (threads read `pairs`
+    and whether `future` is done)."""
 
-    __slots__ = ("enqueued_at", "future", "pairs", "remaining", "scores", "taken")
+    __slots__ = ("enqueued_at", "future", "pairs", "remaining", "scores", "taken", "tokens")
 
-    def __init__(self, pairs: Sequence[EncodedPair], future: asyncio.Future[list[float]], now: float) -> None:
+    def __init__(
+        self, pairs: Sequence[EncodedPair], tokens: int, future: asyncio.Future[list[float]], now: float
+    ) -> None:
         self.pairs = pairs
+        self.tokens = tokens
         self.future = future
         self.enqueued_at = now
-        self.scores: list[float] = [math.nan] * len(pairs)
+        self.scores: list[float] | None = None  # assembled here only when the request is split across passes
         self.taken = 0  # pairs[:taken] are in some batch already
         self.remaining = len(pairs)  # pairs not scored yet
 
 
-@dataclass(frozen=True, slots=True)
-class _Slice:
-    request: _Request
-    start: int
-    stop: int
+# One request's share of a batch: (request, start, stop, tokens of pairs[start:stop]). A tuple: one is
+# made per request per pass.
+_Piece = tuple[_Request, int, int, int]
+
+
+class _Pass:
+    """What a replica thread hands back to the loop about one batch it took."""
+
+    __slots__ = ("dropped", "error", "inference_s", "live", "perf_started", "scores", "unhealthy_changed")
+
+    def __init__(self, live: list[_Piece], dropped: int) -> None:
+        self.live = live
+        self.dropped = dropped  # pairs of callers that had left by the time the batch was taken
+        self.scores: list[float] = []
+        self.error: Exception | None = None
+        self.perf_started = 0.0  # time.perf_counter() when the forward pass began
+        self.inference_s = 0.0
+        self.unhealthy_changed = False  # this pass made the replica unhealthy, or healthy again
 
 
 class _Replica:
-    """One engine, its thread and its counters. Touched only on the event loop (the engine only in its thread)."""
+    """One engine, its thread and its counters. The loop owns the counters; the thread owns the engine;
+    `taken` (passes taken and not yet answered) and `failures_in_a_row` change under the batcher's lock."""
 
     def __init__(self, index: int, engine: ScoringEngine) -> None:
         self.index = index
         self.engine = engine
-        self.executor: ThreadPoolExecutor | None = None
+        self.thread: threading.Thread | None = None
+        self.taken = 0
         self.in_flight = 0
-        self.busy = False
         self.batches_run = 0
         self.failed_batches = 0
         self.pairs_scored = 0
@@ -135,7 +163,7 @@ class _Replica:
         return ReplicaStats(
             index=self.index,
             device=self.engine.info.device,
-            busy=self.busy,
+            busy=self.taken > 0,
             in_flight_pairs=self.in_flight,
             batches_run=self.batches_run,
             failed_batches=self.failed_batches,
@@ -170,19 +198,24 @@ class Batcher:
             raise ValueError("the batcher needs at least one engine")
         self._replicas = [_Replica(index, engine) for index, engine in enumerate(replicas)]
         self._failures_before_unhealthy = failures_before_unhealthy
-        self._health_changed = asyncio.Event()  # wakes unhealthy replicas waiting for their turn
         self._max_batch_tokens = max_batch_tokens
         self._max_queue_pairs = max_queue_pairs
         self._on_batch = on_batch
 
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_pairs = 0
         self._queued_tokens = 0
-        self._outstanding: set[asyncio.Future[list[float]]] = set()
-        self._wake = asyncio.Event()  # set on every change the batch former may be waiting for
-        self._handoff: asyncio.Queue[list[_Slice]] = asyncio.Queue(maxsize=1)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._deadline: asyncio.TimerHandle | None = None  # forms the waiting batch at its oldest pair's deadline
         self._draining = False
+        self._drained: asyncio.Event | None = None
+
+        # The hand-off, shared with the replica threads; everything below is guarded by this condition.
+        self._changed = threading.Condition(threading.Lock())
+        self._slot: list[_Piece] | None = None
+        self._slot_pairs = self._slot_tokens = 0  # the slot batch's size
+        self._slot_wanted = False  # the loop has a batch to form once the slot empties: tell it then
+        self._closing = False
 
         self._batches_run = 0
         self._pairs_scored = 0
@@ -197,15 +230,15 @@ class Batcher:
     # --- control -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the batch-former task, and a runner task and thread per replica."""
-        if self._tasks:
+        """Start a runner thread per replica; batches form on the running loop."""
+        if self._loop is not None:
             raise RuntimeError("batcher already started")
-        self._tasks = [asyncio.create_task(self._form_batches(), name="structsim-batch-former")]
+        self._loop = asyncio.get_running_loop()
         for replica in self._replicas:
-            replica.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"structsim-runner-{replica.index}")
-            self._tasks.append(
-                asyncio.create_task(self._run_batches(replica), name=f"structsim-batch-runner-{replica.index}")
+            replica.thread = threading.Thread(
+                target=self._serve, args=(replica,), name=f"structsim-runner-{replica.index}", daemon=True
             )
+            replica.thread.start()
 
     def reconfigure(self, *, max_batch_size: int | None = None, max_wait_ms: float | None = None) -> None:
         """Change the batch limits; a batch that is still forming (and every later one) uses them."""
@@ -217,28 +250,31 @@ class Batcher:
             if not 0 <= max_wait_ms < math.inf:
                 raise ValueError("max_wait_ms must be a finite number >= 0")
             self._max_wait_s = max_wait_ms / 1000
-        self._wake.set()  # a batch waiting on the old limits re-checks them
+        self._pump()  # a batch waiting on the old limits re-checks them
 
     async def drain(self) -> None:
         """Stop admitting (`submit` raises `Draining`), then finish everything queued and in flight."""
         self._draining = True
-        self._wake.set()  # a batch waiting for its deadline goes now
-        if self._outstanding:
-            await asyncio.wait(list(self._outstanding))
+        if self._loop is None:
+            return
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        self._pump()  # a batch waiting for its deadline goes now
+        self._check_drained()
+        await self._drained.wait()
 
     async def close(self) -> None:
-        """Drain, then stop the tasks and every replica's thread."""
+        """Drain, then stop every replica's thread."""
         await self.drain()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        loop = asyncio.get_running_loop()
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        threads = [replica.thread for replica in self._replicas if replica.thread is not None]
         for replica in self._replicas:
-            if replica.executor is not None:
-                # A pass for callers that already left may still be running; wait for it off the loop.
-                await loop.run_in_executor(None, replica.executor.shutdown)
-                replica.executor = None
+            replica.thread = None
+        # A pass for callers that already left may still be running; wait for it off the loop.
+        for thread in threads:
+            await asyncio.to_thread(thread.join)
 
     @property
     def stats(self) -> BatcherStats:
@@ -274,26 +310,28 @@ class Batcher:
         """Score `encoded` in order. Raises `Overloaded` when the queue is full, `Draining` when shutting down."""
         if self._draining:
             raise Draining()
-        if not self._tasks:
+        loop = self._loop
+        if loop is None or self._closing:
             raise RuntimeError("batcher not started")
-        if not encoded:
+        count = len(encoded)
+        if not count:
             return []
-        if len(encoded) > self._max_queue_pairs:
-            raise ValueError(f"{len(encoded)} pairs can never fit a queue of {self._max_queue_pairs}")
-        if self._queued_pairs + len(encoded) > self._max_queue_pairs:
+        if count > self._max_queue_pairs:
+            raise ValueError(f"{count} pairs can never fit a queue of {self._max_queue_pairs}")
+        if self._queued_pairs + count > self._max_queue_pairs:
             raise Overloaded(self._queued_pairs, self._max_queue_pairs, self._retry_after_s())
-        loop = asyncio.get_running_loop()
-        request = _Request(encoded, loop.create_future(), loop.time())
+        tokens = encoded[0].num_tokens if count == 1 else sum(pair.num_tokens for pair in encoded)
+        request = _Request(encoded, tokens, loop.create_future(), loop.time())
         self._queue.append(request)
-        self._queued_pairs += len(encoded)
-        self._queued_tokens += sum(pair.num_tokens for pair in encoded)
-        self._outstanding.add(request.future)
-        request.future.add_done_callback(self._outstanding.discard)
-        self._wake.set()
+        self._queued_pairs += count
+        self._queued_tokens += tokens
+        self._pump()
         try:
             return await request.future
         except asyncio.CancelledError:
             self._drop_untaken(request)  # the client left: free its queue space now
+            if self._draining:
+                self._check_drained()
             raise
 
     def _retry_after_s(self) -> float:
@@ -309,42 +347,48 @@ class Batcher:
         self._pairs_dropped += len(untaken)
         request.taken = len(request.pairs)
 
-    # --- the batch former: sole owner of the queue ---------------------------------------------
+    # --- forming batches: on the loop, the sole owner of the queue --------------------------------
 
-    async def _form_batches(self) -> None:
-        while True:
-            await self._handoff.join()  # the runner has taken the previous batch: form the next one now
-            await self._wait_for_batch()
-            batch = self._take_batch()
-            if batch:
-                self._handoff.put_nowait(batch)
+    def _pump(self) -> None:
+        """Form the next batch into the slot if one is due; else arrange to be called again when one may be
+        (the slot empties, a pass ends, the deadline passes, a submit). A batch already in the slot, waiting
+        for a replica, takes in what arrived since, up to the limits: it runs no later for it, and those
+        requests need not wait for the pass after."""
+        loop = self._loop
+        if loop is None or (first := self._first_live_request()) is None:
+            return
+        due = -math.inf if self._draining or self._batch_is_full() else first.enqueued_at + self._max_wait_s
+        with self._changed:
+            if self._slot is None:
+                if due > loop.time():
+                    self._arm_deadline(loop, due)
+                    return
+                self._slot, self._slot_pairs, self._slot_tokens = [], 0, 0
+                self._changed.notify_all()  # heard once the lock is released, with the batch formed
+            self._slot_pairs, self._slot_tokens = self._take_batch(self._slot, self._slot_pairs, self._slot_tokens)
+            self._slot_wanted = self._first_live_request() is not None  # more is queued: form it when taken
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
-    async def _wait_for_batch(self) -> None:
-        """Wait for a first live request, then until the batch is full, its deadline, or draining."""
-        loop = asyncio.get_running_loop()
-        while not self._first_live_request():
-            self._wake.clear()
-            await self._wake.wait()
-        while not (self._draining or self._batch_is_full()):
-            first = self._first_live_request()
-            if first is None:
-                return
-            remaining = first.enqueued_at + self._max_wait_s - loop.time()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+    def _arm_deadline(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        if self._deadline is not None and self._deadline.when() == due:
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = loop.call_at(due, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        self._pump()
 
     def _first_live_request(self) -> _Request | None:
         while self._queue:
             request = self._queue[0]
-            if request.future.done() and request.taken < len(request.pairs):
-                self._drop_untaken(request)  # failed earlier in another batch
             if request.taken < len(request.pairs):
-                return request
+                if not request.future.done():
+                    return request
+                self._drop_untaken(request)  # failed earlier in another batch
             self._queue.popleft()
         return None
 
@@ -353,119 +397,170 @@ class Batcher:
             return True
         return self._max_batch_tokens is not None and self._queued_tokens >= self._max_batch_tokens
 
-    def _take_batch(self) -> list[_Slice]:
-        batch: list[_Slice] = []
-        pairs = tokens = 0
+    def _take_batch(self, batch: list[_Piece], pairs: int, tokens: int) -> tuple[int, int]:
+        """Move queued pairs into `batch` (holding `pairs` pairs of `tokens` tokens) up to the batch limits;
+        the batch's new pair and token counts."""
+        taken_pairs, taken_tokens = pairs, tokens
         budget = self._max_batch_tokens
-        while pairs < self._max_batch_size and (request := self._first_live_request()) is not None:
-            start = stop = request.taken
-            while stop < len(request.pairs) and pairs < self._max_batch_size:
-                cost = request.pairs[stop].num_tokens
-                if budget is not None and pairs and tokens + cost > budget:
-                    break
-                tokens += cost
-                pairs += 1
-                stop += 1
-            if stop == start:
-                break  # the token budget is spent
-            batch.append(_Slice(request, start, stop))
-            request.taken = stop
-        self._queued_pairs -= pairs
-        self._queued_tokens -= tokens
-        return batch
-
-    # --- the runners: one per replica, one forward pass at a time in its dedicated thread ---------
-
-    async def _run_batches(self, replica: _Replica) -> None:
-        loop = asyncio.get_running_loop()
-        assert replica.executor is not None
-        while True:
-            await self._wait_for_turn(replica)
-            batch = await self._handoff.get()
-            self._handoff.task_done()  # the slot is free: the former starts on the next batch
-            live = [piece for piece in batch if not piece.request.future.done()]
-            for piece in batch:
-                if piece.request.future.done():
-                    self._pairs_dropped += piece.stop - piece.start
-            if not live:
-                continue
-            pairs = [pair for piece in live for pair in piece.request.pairs[piece.start : piece.stop]]
-            started = loop.time()
-            replica.in_flight = len(pairs)
-            replica.busy = True
-            failed = device_fault = False
-            try:
-                scores = await loop.run_in_executor(replica.executor, replica.engine.score_encoded, pairs)
-                if len(scores) != len(pairs):
-                    raise RuntimeError(f"engine returned {len(scores)} scores for {len(pairs)} pairs")
-            except Exception as exc:  # the engine failed this batch: fail its callers, keep serving
-                log.exception("forward pass of %d pairs on replica %d failed", len(pairs), replica.index)
-                failed = True
-                device_fault = not isinstance(exc, EngineOutOfMemory)  # OOM: the batch was too big
-                for piece in live:
-                    if not piece.request.future.done():
-                        piece.request.future.set_exception(exc)
+        limit = self._max_batch_size
+        while pairs < limit and (budget is None or tokens < budget) and (request := self._first_live_request()):
+            start = request.taken
+            count = len(request.pairs)
+            if budget is None and start == 0 and count <= limit - pairs:
+                stop, cost = count, request.tokens  # the whole request: its tokens are known
+            elif budget is None:
+                stop = min(count, start + limit - pairs)
+                cost = sum(pair.num_tokens for pair in request.pairs[start:stop])
             else:
-                self._fan_out(live, scores)
-            finally:
+                stop, cost = start, 0
+                while stop < count and pairs + stop - start < limit:
+                    pair_tokens = request.pairs[stop].num_tokens
+                    if (pairs or stop > start) and tokens + cost + pair_tokens > budget:
+                        break  # over the budget (a pair over it alone still runs, alone)
+                    cost += pair_tokens
+                    stop += 1
+                if stop == start:
+                    break  # the token budget is spent
+            batch.append((request, start, stop, cost))
+            request.taken = stop
+            pairs += stop - start
+            tokens += cost
+        self._queued_pairs -= pairs - taken_pairs
+        self._queued_tokens -= tokens - taken_tokens
+        return pairs, tokens
+
+    # --- the runners: one thread per replica, one forward pass at a time ---------------------------
+
+    def _serve(self, replica: _Replica) -> None:
+        """The replica's thread: take a batch, run it, hand the scores to the loop; until closed."""
+        while (batch := self._take_slot(replica)) is not None:
+            live = [piece for piece in batch if not piece[0].future.done()]  # callers still waiting
+            done = _Pass(live, sum(stop - start for _, start, stop, _ in batch) - sum(p[2] - p[1] for p in live))
+            if live:
+                pairs = [pair for request, start, stop, _ in live for pair in request.pairs[start:stop]]
+                replica.in_flight = len(pairs)
+                done.perf_started = time.perf_counter()
+                try:
+                    scores = replica.engine.score_encoded(pairs)
+                    if len(scores) != len(pairs):
+                        raise RuntimeError(f"engine returned {len(scores)} scores for {len(pairs)} pairs")
+                    done.scores = scores
+                except Exception as exc:  # the engine failed this batch: fail its callers, keep serving
+                    done.error = exc
+                done.inference_s = time.perf_counter() - done.perf_started
                 replica.in_flight = 0
-                replica.busy = False
-            self._record(replica, live, len(pairs), started, loop.time(), failed, device_fault)
+                self._note_health(replica, done)
+            try:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._answer, replica, done)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
 
-    async def _wait_for_turn(self, replica: _Replica) -> None:
-        """An unhealthy replica waits while a healthy one exists, so batches go where they can succeed."""
-        while not self._is_healthy(replica) and self.healthy:
-            self._health_changed.clear()
-            await self._health_changed.wait()
+    def _take_slot(self, replica: _Replica) -> list[_Piece] | None:
+        """Block until this replica may take the slot's batch (None: the batcher is closing)."""
+        with self._changed:
+            while not self._closing:
+                if self._slot is not None and (self._is_healthy(replica) or not self.healthy):
+                    batch, self._slot = self._slot, None
+                    replica.taken += 1
+                    if self._slot_wanted:  # the loop has the next batch ready to form
+                        self._slot_wanted = False
+                        assert self._loop is not None
+                        self._loop.call_soon_threadsafe(self._pump)
+                    return batch
+                self._changed.wait()
+            return None
 
-    def _fan_out(self, live: list[_Slice], scores: Sequence[float]) -> None:
+    def _note_health(self, replica: _Replica, done: _Pass) -> None:
+        """Count failures in the thread, before it takes another batch, so an unhealthy replica takes none."""
+        with self._changed:
+            was_healthy = self._is_healthy(replica)
+            if done.error is None:
+                replica.failures_in_a_row = 0
+            elif not isinstance(done.error, EngineOutOfMemory):  # OOM: the batch was too big, not the device
+                replica.failures_in_a_row += 1
+            if self._is_healthy(replica) != was_healthy:
+                done.unhealthy_changed = True
+                self._changed.notify_all()  # replicas waiting for their turn re-check
+
+    # --- answering: on the loop, one callback per pass ----------------------------------------------
+
+    def _answer(self, replica: _Replica, done: _Pass) -> None:
+        with self._changed:
+            replica.taken -= 1
+        self._pairs_dropped += done.dropped
+        if done.live:
+            if done.error is not None:
+                log.error(
+                    "forward pass of %d pairs on replica %d failed",
+                    sum(stop - start for _, start, stop, _ in done.live),
+                    replica.index,
+                    exc_info=done.error,
+                )
+                for request, _, _, _ in done.live:
+                    if not request.future.done():
+                        request.future.set_exception(done.error)
+            else:
+                self._fan_out(done.live, done.scores)
+            self._record(replica, done)
+        self._pump()
+        if self._draining:
+            self._check_drained()
+
+    def _fan_out(self, live: list[_Piece], scores: Sequence[float]) -> None:
         offset = 0
-        for piece in live:
-            count = piece.stop - piece.start
-            request = piece.request
-            request.scores[piece.start : piece.stop] = [float(score) for score in scores[offset : offset + count]]
+        for request, start, stop, _ in live:
+            count = stop - start
+            part = [float(score) for score in scores[offset : offset + count]]
             offset += count
+            if count == len(request.pairs):  # the whole request in this pass: its answer as is
+                if not request.future.done():
+                    request.future.set_result(part)
+                continue
+            if request.scores is None:
+                request.scores = [math.nan] * len(request.pairs)
+            request.scores[start:stop] = part
             request.remaining -= count
             if request.remaining == 0 and not request.future.done():
                 request.future.set_result(request.scores)
 
-    def _record(
-        self,
-        replica: _Replica,
-        live: list[_Slice],
-        size: int,
-        started: float,
-        finished: float,
-        failed: bool,
-        device_fault: bool,
-    ) -> None:
-        tokens = sum(pair.num_tokens for piece in live for pair in piece.request.pairs[piece.start : piece.stop])
+    def _record(self, replica: _Replica, done: _Pass) -> None:
+        size = sum(stop - start for _, start, stop, _ in done.live)
+        tokens = sum(piece[3] for piece in done.live)
+        failed = done.error is not None
         self._batches_run += 1
         self._last_size = size
         self._last_tokens = tokens
         replica.batches_run += 1
-        replica.inference_s += finished - started
-        was_healthy = self._is_healthy(replica)
+        replica.inference_s += done.inference_s
         if failed:
             replica.failed_batches += 1
-            if device_fault:
-                replica.failures_in_a_row += 1
         else:
-            replica.failures_in_a_row = 0
             replica.pairs_scored += size
             self._pairs_scored += size
-            self._seconds_per_pair = (finished - started) / size
-        if self._is_healthy(replica) != was_healthy:
+            self._seconds_per_pair = done.inference_s / size
+        if done.unhealthy_changed:
             log.warning(
                 "replica %d (%s) is %s",
                 replica.index,
                 replica.engine.info.device,
-                "healthy again" if not was_healthy else "unhealthy: its last passes all failed",
+                "healthy again" if self._is_healthy(replica) else "unhealthy: its last passes all failed",
             )
-            self._health_changed.set()
         if self._on_batch is not None:
-            waits = tuple(started - piece.request.enqueued_at for piece in live)
+            assert self._loop is not None
+            # The pass began this long ago, on the loop's clock (which a test may fake).
+            started = self._loop.time() - (time.perf_counter() - done.perf_started)
+            waits = tuple(started - piece[0].enqueued_at for piece in done.live)
             try:
-                self._on_batch(BatchRecord(size, tokens, waits, finished - started, failed, replica.index))
-            except Exception:  # an observer's bug must not stop the runner
+                self._on_batch(BatchRecord(size, tokens, waits, done.inference_s, failed, replica.index))
+            except Exception:  # an observer's bug must not stop the batcher
                 log.exception("on_batch observer failed")
+
+    def _check_drained(self) -> None:
+        """While draining: set `_drained` once nothing is queued, formed or running."""
+        if self._drained is None or self._first_live_request() is not None:
+            return
+        with self._changed:
+            idle = self._slot is None and not any(replica.taken for replica in self._replicas)
+        if idle:
+            self._drained.set()

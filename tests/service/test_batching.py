@@ -100,24 +100,29 @@ async def test_token_budget_closes_a_batch_and_an_oversized_pair_runs_alone(
     assert [[p.input_ids[0] for p in b] for b in engine.batches] == [[1, 2], [3], [4], [5]]
 
 
-async def test_the_next_batch_forms_while_the_runner_is_busy(
+async def test_the_next_batch_forms_while_the_runner_is_busy_and_takes_in_later_arrivals(
     make_batcher: Callable[..., Batcher], engine: FakeEngine
 ) -> None:
-    batcher = make_batcher(max_batch_size=8, max_wait_ms=5)
+    batcher = make_batcher(max_batch_size=3, max_wait_ms=5)
     await batcher.start()
     engine.gate.clear()
     first = asyncio.create_task(batcher.submit([pair(1)]))
     await asyncio.to_thread(engine.started.wait, 5)  # pass 1 is in the runner thread, held
     second = asyncio.create_task(batcher.submit([pair(2), pair(3)]))
-    await asyncio.sleep(0.010)  # past max_wait: the second batch is formed and handed off
+    await asyncio.sleep(0.004)
+    assert batcher.stats.queued_pairs == 2  # before max_wait: not yet formed
+    await asyncio.sleep(0.006)  # past max_wait: the second batch is formed and handed off
     assert batcher.stats.queued_pairs == 0
     assert batcher.stats.in_flight_pairs == 1
     third = asyncio.create_task(batcher.submit([pair(4)]))
+    await asyncio.sleep(0)
+    assert batcher.stats.queued_pairs == 0  # joined the formed batch at once: it waits for the runner anyway
+    fourth = asyncio.create_task(batcher.submit([pair(5)]))
     await asyncio.sleep(0.010)
-    assert batcher.stats.queued_pairs == 1  # the slot is taken: the third waits in the queue
+    assert batcher.stats.queued_pairs == 1  # the formed batch is full: the fourth waits in the queue
     engine.gate.set()
-    assert await asyncio.gather(first, second, third) == [[0.0001], [0.0002, 0.0003], [0.0004]]
-    assert engine.sizes() == [1, 2, 1]
+    assert await asyncio.gather(first, second, third, fourth) == [[0.0001], [0.0002, 0.0003], [0.0004], [0.0005]]
+    assert engine.sizes() == [1, 3, 1]
     assert engine.threads == {next(iter(engine.threads))}  # one dedicated thread
     assert next(iter(engine.threads)).startswith("structsim-runner")
 
@@ -125,12 +130,12 @@ async def test_the_next_batch_forms_while_the_runner_is_busy(
 async def test_a_caller_that_left_is_dropped_before_it_costs_engine_time(
     make_batcher: Callable[..., Batcher], engine: FakeEngine
 ) -> None:
-    batcher = make_batcher(max_batch_size=4, max_wait_ms=1)
+    batcher = make_batcher(max_batch_size=2, max_wait_ms=1)
     await batcher.start()
     engine.gate.clear()
     running = asyncio.create_task(batcher.submit([pair(1)]))
     await asyncio.to_thread(engine.started.wait, 5)
-    in_slot = asyncio.create_task(batcher.submit([pair(2)]))
+    in_slot = asyncio.create_task(batcher.submit([pair(2), pair(2)]))
     await asyncio.sleep(0.005)
     queued = asyncio.create_task(batcher.submit([pair(3), pair(4)]))
     await asyncio.sleep(0)
@@ -144,7 +149,7 @@ async def test_a_caller_that_left_is_dropped_before_it_costs_engine_time(
     kept = await batcher.submit([pair(5)])
     assert kept == [0.0005]
     assert [[p.input_ids[0] for p in b] for b in engine.batches] == [[1], [5]]
-    assert batcher.stats.pairs_dropped == 3
+    assert batcher.stats.pairs_dropped == 4
 
 
 async def test_an_engine_error_fails_that_batch_only(make_batcher: Callable[..., Batcher], engine: FakeEngine) -> None:
@@ -264,7 +269,8 @@ async def test_observer_sees_sizes_tokens_and_waits(make_batcher: Callable[..., 
     await asyncio.gather(batcher.submit([pair(1, 3)]), batcher.submit([pair(2, 5), pair(3, 7)]))
     (record,) = records
     assert (record.size, record.tokens, record.failed) == (3, 15, False)
-    assert record.queue_waits_s == (pytest.approx(0.020), pytest.approx(0.020))
+    # A pass's start is timed in its thread on the real clock, so the fake clock's wait is off by real µs.
+    assert record.queue_waits_s == (pytest.approx(0.020, abs=0.002), pytest.approx(0.020, abs=0.002))
 
 
 async def test_close_stops_the_tasks_and_the_runner_thread(make_batcher: Callable[..., Batcher]) -> None:
@@ -277,3 +283,19 @@ async def test_close_stops_the_tasks_and_the_runner_thread(make_batcher: Callabl
     assert not any(t.name.startswith("structsim-runner") for t in threading.enumerate())
     with pytest.raises(Draining):
         await batcher.submit([pair(1)])
+
+
+async def test_a_formed_batch_takes_in_later_arrivals_within_its_token_budget(
+    make_batcher: Callable[..., Batcher], engine: FakeEngine
+) -> None:
+    batcher = make_batcher(max_batch_size=8, max_wait_ms=0, max_batch_tokens=25)
+    await batcher.start()
+    engine.gate.clear()
+    running = asyncio.create_task(batcher.submit([pair(1)]))
+    await asyncio.to_thread(engine.started.wait, 5)
+    waiting = [asyncio.create_task(batcher.submit([pair(k, 10)])) for k in (2, 3, 4)]
+    await asyncio.sleep(0)
+    assert (batcher.stats.queued_pairs, batcher.stats.queued_tokens) == (1, 10)  # 2 and 3 fit 25 tokens, 4 not
+    engine.gate.set()
+    await asyncio.gather(running, *waiting)
+    assert [[p.input_ids[0] for p in b] for b in engine.batches] == [[1], [2, 3], [4]]
