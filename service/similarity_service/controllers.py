@@ -17,7 +17,6 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
-from litestar.types import Receive
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from similarity_service import __version__
@@ -78,25 +77,32 @@ COMPATIBLE: dict[str, Any] = {**SCORING, "tags": ["compatibility"]}
 OPERATIONS: dict[str, Any] = {"tags": ["operations"], "responses": _errors(503)}
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
-    message = await receive()
-    if message["type"] != "http.disconnect":  # a server that does not report disconnects this way
-        await asyncio.Event().wait()
-
-
 async def _unless_client_leaves(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first (the batcher then drops its pairs)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    """Await `work` in this task, cancelling it if the client disconnects first (the batcher then drops its
+    pairs). One watcher task per request, and `work` is not wrapped in a task of its own: the loop's cost
+    per request is what limits a fast engine."""
+    handler = asyncio.current_task()
+    assert handler is not None
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        message = await request.receive()
+        if message["type"] != "http.disconnect":  # a server that does not report disconnects this way
+            await asyncio.Event().wait()
+        left = True
+        handler.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not left:
+            raise  # cancelled by the server, not by the client leaving
+        handler.uncancel()
+        raise ClientGone("client_closed", "the client disconnected") from None
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise ClientGone("client_closed", "the client disconnected")
-    return task.result()
 
 
 # --- the v1 API --------------------------------------------------------------------------------
