@@ -173,6 +173,30 @@ def run_batches(
     return runs
 
 
+async def round_trips(url: str, rounds: int) -> dict[str, float]:
+    """Sequential requests from one aiohttp connection, /healthz and /v1/similarity interleaved: the HTTP
+    round trip's floor (client, loopback and the server's framework) apart from scoring. The open-loop p50
+    at low load adds the client's own lateness (see `p50_from_send_ms` there)."""
+    import aiohttp
+
+    body = json.dumps({"sentence1": "今天天气怎么样", "sentence2": "今天天气如何"}, ensure_ascii=False).encode()
+    times: dict[str, list[float]] = {"healthz": [], "similarity": []}
+    async with aiohttp.ClientSession() as session:
+        for turn in range(rounds * 200 + 100):
+            route = "healthz" if turn % 2 else "similarity"
+            start = time.perf_counter()
+            if route == "healthz":
+                answer = await session.get(f"{url}/healthz")
+            else:
+                answer = await session.post(f"{url}/v1/similarity", data=body, headers={"content-type": "application/json"})
+            await answer.read()
+            if turn >= 100:  # the first ones warm the connection
+                times[route].append((time.perf_counter() - start) * 1000)
+    p50 = {route: float(sorted(values)[len(values) // 2]) for route, values in times.items()}
+    return {"healthz_p50_ms": p50["healthz"], "similarity_p50_ms": p50["similarity"],
+            "similarity_beyond_healthz_p50_ms": p50["similarity"] - p50["healthz"], "requests_each": len(times["healthz"])}
+
+
 def summarize(open_loop: list[dict[str, object]]) -> dict[str, float | None]:
     """p50 at the lowest rate, and the highest rate served with p99 under the SLO and no errors."""
     good = [r for r in open_loop if r["ok"] == r["sent"] and r["p99_ms"] is not None and r["p99_ms"] <= SLO_P99_MS]  # type: ignore[operator]
@@ -181,6 +205,7 @@ def summarize(open_loop: list[dict[str, object]]) -> dict[str, float | None]:
     return {
         "p50_ms_low_load": lowest["p50_ms"] if lowest else None,  # type: ignore[dict-item]
         "low_load_rate": lowest["target_rate"] if lowest else None,  # type: ignore[dict-item]
+        "p50_from_send_ms_low_load": lowest["p50_from_send_ms"] if lowest else None,  # type: ignore[dict-item]
         "max_rate_p99_under_slo": best["target_rate"] if best else None,  # type: ignore[dict-item]
         "throughput_rps_at_that_rate": best["throughput_rps"] if best else None,  # type: ignore[dict-item]
         "p99_ms_at_that_rate": best["p99_ms"] if best else None,  # type: ignore[dict-item]
@@ -206,6 +231,7 @@ def measure(
             cold_start_s = server.wait_ready(timeout_s=600)
             info = httpx.get(f"{server.url}/v1/info", timeout=10).json()
             asyncio.run(loadgen.run_closed_loop(server.url, 8, 1.0 if quick else 3.0, pairs))  # warm the HTTP path
+            sequential = asyncio.run(round_trips(server.url, 1 if quick else 5))
             open_loop = run_ladder(server.url, QUICK_RATES if quick else RATES, duration, pairs)
             batches = run_batches(server.url, BATCH_CONCURRENCY[:1] if quick else BATCH_CONCURRENCY, duration, pairs)
         finally:
@@ -219,6 +245,7 @@ def measure(
         "serve_args": list(extra),
         "cold_start_s": cold_start_s,
         "summary": summarize(open_loop),
+        "sequential_round_trips": sequential,
         "open_loop_single_pairs": open_loop,
         "closed_loop_batches": batches,
         "exit_status_after_sigterm": exit_status,

@@ -42,6 +42,7 @@ async def test_open_loop_sends_at_the_rate_and_reports_percentiles(server: LiveS
     assert result.p50_ms is not None and result.p99_ms is not None and 0 < result.p50_ms <= result.p99_ms
     assert result.mode == "open" and result.target_rate == 200
     assert result.client_lag_p99_ms is not None and result.client_lag_p99_ms >= 0
+    assert result.p50_from_send_ms is not None and 0 < result.p50_from_send_ms <= result.p50_ms  # no client lag
 
 
 async def test_closed_loop_batches_and_errors_by_status(server: LiveServer) -> None:
