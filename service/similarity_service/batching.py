@@ -207,6 +207,7 @@ class Batcher:
         self._queued_pairs = 0
         self._queued_tokens = 0
         self._deadline: asyncio.TimerHandle | None = None  # forms the waiting batch at its oldest pair's deadline
+        self._deadline_at = 0.0
         self._draining = False
         self._drained: asyncio.Event | None = None
 
@@ -372,11 +373,12 @@ class Batcher:
             self._deadline = None
 
     def _arm_deadline(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
-        if self._deadline is not None and self._deadline.when() == due:
+        if self._deadline is not None and self._deadline_at == due:
             return
         if self._deadline is not None:
             self._deadline.cancel()
-        self._deadline = loop.call_at(due, self._on_deadline)
+        self._deadline = loop.call_at(due, self._on_deadline)  # uvloop's handle has no when(): kept apart
+        self._deadline_at = due
 
     def _on_deadline(self) -> None:
         self._deadline = None

@@ -172,3 +172,28 @@ async def test_shutdown_answers_everything_admitted_on_every_replica(make_batche
 def test_a_batcher_needs_an_engine() -> None:
     with pytest.raises(ValueError, match="at least one engine"):
         Batcher([], max_batch_size=1, max_wait_ms=0, max_batch_tokens=None, max_queue_pairs=1)
+
+
+def test_batches_form_at_their_deadline_on_uvloop_as_served() -> None:
+    """serve runs on uvloop (its timer handles differ from asyncio's): a lone pair waits max_wait, a full batch not."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> tuple[float, float, list[int]]:
+        engine = Replica("cuda:0")
+        batcher = Batcher(engine, max_batch_size=4, max_wait_ms=30, max_batch_tokens=None, max_queue_pairs=64)
+        await batcher.start()
+        try:
+            t0 = time.perf_counter()
+            assert await batcher.submit([pair(1)]) == [0.0001]
+            lone = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await asyncio.gather(*(batcher.submit([pair(k)]) for k in range(4)))
+            full = time.perf_counter() - t0
+        finally:
+            await batcher.close()
+        return lone, full, [len(batch) for batch in engine.batches]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        lone, full, sizes = runner.run(scenario())
+    assert 0.025 <= lone < 1.0 and full < 0.025
+    assert sizes == [1, 4]
