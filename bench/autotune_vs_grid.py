@@ -7,8 +7,8 @@ On the synthetic StructBERT-base checkpoint and the project's Chinese corpus, in
      same objective (so the same load generator, SLO, accuracy guard and pruning of configs whose
      capacity cannot beat the best so far), sized to fit the time left in the run;
   3. the two winners re-measured `--rounds` times each, interleaved (A B, B A, A B, …: the order
-     alternates, so a drift of the machine favours neither), each time exactly as a trial measures
-     (warm-up, probe, rate steps), so the ratio compares them under the same conditions rather than
+     alternates, so a drift of the machine favours neither), each time as a trial measures (warm-up,
+     probe, rate steps) but with `--confirm-stretch` times longer windows, so the ratio compares them under the same conditions rather than
      across two noisy runs. Each winner's value is the median of its rounds, with min and max; the
      ratio is the ratio of the medians, with the per-round (paired) ratios as its uncertainty.
 Targets: the autotuner's confirmed throughput >= 0.95 of the grid's, and tuning wall time <= 600 s.
@@ -71,6 +71,9 @@ GRID_SHAPES: tuple[tuple[int, tuple[float, ...]], ...] = (
     (4, (0.0, 5.0)),
 )
 CONFIRM_ROUNDS = 5  # each winner measured this many times, interleaved (--quick: 3)
+# Confirmation windows are this many times a trial's: near a config's capacity one stall of a few tens of
+# ms fails a 0.15 s window outright, and the two winners differ by less than such a step of the ladder.
+CONFIRM_STRETCH = 3.0
 
 
 def synthetic_model(size: str) -> Path:
@@ -225,6 +228,9 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=None, help=f"confirmation rounds per winner (default {CONFIRM_ROUNDS}; --quick 3)"
     )
+    parser.add_argument(
+        "--confirm-stretch", type=float, default=CONFIRM_STRETCH, help="confirmation windows / a trial's (default 3)"
+    )
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     budget_s = args.budget_s or (120.0 if args.quick else 510.0)
@@ -258,7 +264,7 @@ def main() -> int:
         # 2. The grid on the same engines, sized to the time left (minus the confirmation's share: a
         #    confirmation is a full, unpruned trial, so as long as the tuner's longest).
         per_config_s = statistics.fmean(trial_seconds(tuned.study) or [5.0])
-        measure_s = 1.25 * statistics.median(trial_seconds(tuned.study, unpruned=True) or [5.0])
+        measure_s = 1.25 * args.confirm_stretch * statistics.median(trial_seconds(tuned.study, unpruned=True) or [5.0])
         requests = [[pair] for pair in runtime.engine("fp32").encode([row.pair for row in load_corpus()])]
         confirm_reserve_s = 2 * rounds * measure_s + 20
         seconds_left = budget_s - (time.perf_counter() - started) - confirm_reserve_s
@@ -280,7 +286,12 @@ def main() -> int:
         confirm_started = time.perf_counter()
         # The rounds that fit what is left of the budget (at least one), so the run stays in one call.
         rounds_left = int((budget_s - (time.perf_counter() - started) - 10) // (2 * measure_s))
-        confirmed = confirm(runtime, requests, settings, winners, options.p99_ms, max(1, min(rounds, rounds_left)))
+        stretched = replace(
+            settings,
+            step_seconds=settings.step_seconds * args.confirm_stretch,
+            probe_seconds=settings.probe_seconds * args.confirm_stretch,
+        )
+        confirmed = confirm(runtime, requests, stretched, winners, options.p99_ms, max(1, min(rounds, rounds_left)))
         confirm_s = time.perf_counter() - confirm_started
         event_loop = runtime.event_loop
 
@@ -304,6 +315,7 @@ def main() -> int:
         "accuracy_guard": {"max_abs_error": options.max_abs_error, "threshold": options.threshold},
         "accuracy": msgspec.to_builtins(profile.accuracy),
         "load_settings": asdict(settings),
+        "confirm_stretch": args.confirm_stretch,
         "event_loop": event_loop,
         "python": sys.version.split()[0],
         "cpu_count": os.cpu_count(),
@@ -381,7 +393,7 @@ def table(record: dict) -> str:  # type: ignore[type-arg]
         f"| wall time | {a['wall_s']:.0f} s (loads, accuracy guard, trials) | {g['wall_s']:.0f} s (trials only) |",
         f"| best config | {cfg(a['best'])} | {cfg(g['best'])} |",
         f"| best throughput, own run | {a['throughput']:,.0f} pairs/s | {g['throughput']:,.0f} pairs/s |",
-        f"| re-measured, {c['rounds']} interleaved rounds: median (min–max) | {_spread(c['autotune'])} "
+        f"| re-measured, {c['rounds']} interleaved rounds, windows x{record['confirm_stretch']:g}: median (min–max) | {_spread(c['autotune'])} "
         f"| {_spread(c['grid'])} |",
         "",
         f"autotune / grid: {_ratio(record['ratio_confirmed'])} re-measured (per-round ratios "

@@ -3,20 +3,21 @@
 Trials reuse them: an engine is loaded (and warmed up) the first time its precision is tried and kept
 for the study; its batcher is reconfigured to each trial's batch size and wait. These are the
 service's own `Engine` and `Batcher`, on the event loop `structsim serve` gets from uvicorn (uvloop
-where installed) and with serve's GIL switch interval, so a trial measures what serve runs: at GPU
+where installed) and with serve's GIL switch interval and young-generation GC threshold, so a trial measures what serve runs: at GPU
 rates the loop and the hand-offs between it and the runner thread are a large part of a config's cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from similarity_service.batching import Batcher
-from similarity_service.commands.serve import GIL_SWITCH_INTERVAL_S
+from similarity_service.commands.serve import GC_GEN0_THRESHOLD, GIL_SWITCH_INTERVAL_S
 from similarity_service.engine_api import ScoringEngine
 
 from similarity_autotune.space import ServingConfig
@@ -45,8 +46,12 @@ class ServingRuntime:
         self._runner = asyncio.Runner(loop_factory=factory)
         self._engines: dict[str, TunableEngine] = {}
         self._batchers: dict[str, Batcher] = {}
+        # As `structsim serve` sets them once warm; restored by close(). (The load generator collects and
+        # freezes the heap before each trial, as serve does once.)
         self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as `structsim serve` sets it; restored by close()
+        self._gc_threshold = gc.get_threshold()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        gc.set_threshold(GC_GEN0_THRESHOLD, *self._gc_threshold[1:])
 
     @property
     def max_queue_pairs(self) -> int:
@@ -96,6 +101,7 @@ class ServingRuntime:
             self._batchers.clear()
             self._runner.close()
             sys.setswitchinterval(self._switch_interval)
+            gc.set_threshold(*self._gc_threshold)
 
     def __enter__(self) -> ServingRuntime:
         return self

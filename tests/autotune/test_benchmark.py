@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from similarity_service.batching import Batcher
-from similarity_service.commands.serve import GIL_SWITCH_INTERVAL_S
+from similarity_service.commands.serve import GC_GEN0_THRESHOLD, GIL_SWITCH_INTERVAL_S
 from similarity_service.engine_api import EncodedPair
 from similarity_service.runner import Engine
 
@@ -164,16 +164,17 @@ async def test_a_hopeless_trial_stops_after_the_probe(batcher: Batcher, requests
     assert calls == [(0, 0.0, result.capacity_max)]  # the optimistic bound: the probe's best window
 
 
-def test_the_runtime_runs_on_serves_event_loop_and_gil_switch_interval(tiny_engine: Engine) -> None:
-    before = sys.getswitchinterval()
+def test_the_runtime_runs_on_serves_event_loop_gil_switch_interval_and_gc_threshold(tiny_engine: Engine) -> None:
+    before, gc_before = sys.getswitchinterval(), gc.get_threshold()
     with ServingRuntime(lambda _precision: tiny_engine, max_queue_pairs=64, max_batch_tokens=None) as runtime:
         assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *gc_before[1:])
 
         async def loop_module() -> str:
             return type(asyncio.get_running_loop()).__module__
 
         assert runtime.event_loop == "uvloop" and runtime.run(loop_module()).startswith("uvloop")
-    assert sys.getswitchinterval() == pytest.approx(before)
+    assert sys.getswitchinterval() == pytest.approx(before) and gc.get_threshold() == gc_before
 
 
 def _trial(study: optuna.Study, value: float, *, feasible: bool, p99_ms: float = 10.0, batch: int = 8) -> None:
