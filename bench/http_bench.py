@@ -45,7 +45,7 @@ STRUCTSIM = [sys.executable, "-m", "similarity_service.cli"]
 SLO_P99_MS = 50.0
 RATES = (100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000)
 QUICK_RATES = (20, 50)
-BATCH_CONCURRENCY = (4, 16)
+BATCH_CONCURRENCY = (4, 16, 32)
 BATCH_PAIRS = 32
 
 
