@@ -9,6 +9,8 @@ exit status after SIGTERM are recorded too. Writes bench/results/http-<card>-<da
 
 GPU:  python3 bench/http_bench.py                                   (base size, fp16, cuda)
 CPU:  python3 bench/http_bench.py --device cpu --size tiny --quick  (checks the script, not a benchmark)
+A/B:  PYTHONPATH=<other tree>/service python3 bench/http_bench.py --label other --rates 100 250 500 1000 \
+      --concurrency 16 --duration 5      (the server and this script import that tree's similarity_service)
 """
 
 from __future__ import annotations
@@ -221,6 +223,8 @@ def measure(
     quick: bool,
     extra: Sequence[str] = (),
     duration_s: float | None = None,
+    rates: Sequence[float] | None = None,
+    concurrency: Sequence[int] | None = None,
 ) -> dict[str, object]:
     """Serve `model_dir`, run the load, stop; everything measured as a JSON-able dict (bench/perf.py calls this)."""
     duration = duration_s or (2.0 if quick else 10.0)
@@ -232,8 +236,9 @@ def measure(
             info = httpx.get(f"{server.url}/v1/info", timeout=10).json()
             asyncio.run(loadgen.run_closed_loop(server.url, 8, 1.0 if quick else 3.0, pairs))  # warm the HTTP path
             sequential = asyncio.run(round_trips(server.url, 1 if quick else 5))
-            open_loop = run_ladder(server.url, QUICK_RATES if quick else RATES, duration, pairs)
-            batches = run_batches(server.url, BATCH_CONCURRENCY[:1] if quick else BATCH_CONCURRENCY, duration, pairs)
+            open_loop = run_ladder(server.url, rates or (QUICK_RATES if quick else RATES), duration, pairs)
+            clients = concurrency or (BATCH_CONCURRENCY[:1] if quick else BATCH_CONCURRENCY)
+            batches = run_batches(server.url, clients, duration, pairs)
         finally:
             exit_status = server.stop()
             log_tail = server.log.read_text()[-2000:]
@@ -262,6 +267,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two low rates, short runs: checks the script runs")
     parser.add_argument("--duration", type=float, help="seconds per run (default 10, quick 2)")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `structsim serve` argument (repeat)")
+    parser.add_argument("--rates", type=float, nargs="+", help=f"open-loop single-pair rates (default {RATES})")
+    parser.add_argument("--concurrency", type=int, nargs="+", help=f"batch-request clients (default {BATCH_CONCURRENCY})")
+    parser.add_argument(
+        "--label", default="", help="added to the result's name and record, e.g. which tree served (A/B runs)"
+    )
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
@@ -274,6 +284,8 @@ def main() -> None:
             quick=args.quick,
             extra=args.serve_arg,
             duration_s=args.duration,
+            rates=args.rates,
+            concurrency=args.concurrency,
         )
     now = datetime.now(UTC)
     report = {
@@ -282,11 +294,12 @@ def main() -> None:
         "date": now.isoformat(timespec="seconds"),
         "model_size": args.size,
         "quick": args.quick,
+        "label": args.label,
         **report,
     }
     card = re.sub(r"[^A-Za-z0-9]+", "-", str(report["card"])).strip("-")  # NVIDIA-H100-80GB-HBM3, as bench/ names it
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"http-{card}-{now:%Y-%m-%d}.json"
+    out = args.out_dir / f"http-{card}-{now:%Y-%m-%d}{'-' + args.label if args.label else ''}.json"
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(report["summary"], indent=2))
     print(f"cold start {report['cold_start_s']:.1f} s; exit status after SIGTERM {report['exit_status_after_sigterm']}")
