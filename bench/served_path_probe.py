@@ -3,10 +3,9 @@
 Part 1, the engine alone in the calling thread: per forward-pass size (pairs of the corpus, pre-tokenized),
 the wall time and the thread's CPU time of `score_encoded` (CPU time is time the GIL may be held).
 Part 2, the batcher driven open loop by the autotuner's load generator (single-pair requests, as a
-trial sends them) at fixed rates: per forward pass its size, the runner thread's wall and CPU time, and
-the hand-off delays (queued → thread started, thread done → the loop resumed); the event loop's lag
-(a 1 ms ticker's overshoot); collections; torch.compile recompilations. Not a benchmark of record:
-a map for the next change (METHOD.md).
+trial sends them) at fixed rates: per forward pass its size and the runner thread's wall and CPU time;
+the event loop's lag (a 1 ms ticker's overshoot); collections; torch.compile recompilations. Not a
+benchmark of record: a map for the next change (METHOD.md).
 
 GPU:  python3 bench/served_path_probe.py --out-dir $OUT
 CPU:  python3 bench/served_path_probe.py --device cpu --size tiny --quick
@@ -135,11 +134,9 @@ async def open_loop_run(batcher: Batcher, timed: TimedEngine, load: LoadGenerato
         stop.set()
         await tick
     sizes = [r.size for r in records]
-    loop_side = [r.inference_s * 1e3 for r in records]
     walls = [(end - start) * 1e3 for start, end, _, _ in timed.calls]
     cpus = [cpu * 1e3 for _, _, cpu, _ in timed.calls]
     gaps = [(b[0] - a[1]) * 1e3 for a, b in zip(timed.calls, timed.calls[1:])]
-    hop = [loop - wall for loop, wall in zip(loop_side, walls)]
     span = timed.calls[-1][1] - timed.calls[0][0] if timed.calls else 0.0
     row = {
         "rate": rate, "completed": step.completed, "offered": step.offered, "throughput": step.throughput,
@@ -149,7 +146,6 @@ async def open_loop_run(batcher: Batcher, timed: TimedEngine, load: LoadGenerato
         "batch_size_max": max(sizes, default=0),
         "thread_wall_ms_p50": pct(walls, 50), "thread_wall_ms_p99": pct(walls, 99), "thread_wall_ms_max": max(walls, default=0),
         "thread_cpu_ms_p50": pct(cpus, 50), "thread_cpu_ms_p99": pct(cpus, 99),
-        "hop_ms_p50": pct(hop, 50), "hop_ms_p99": pct(hop, 99),
         "idle_gap_ms_p50": pct(gaps, 50), "idle_gap_ms_p99": pct(gaps, 99),
         "runner_busy_share": sum(walls) / 1e3 / span if span else 0.0,
         "loop_lag_ms_p50": pct(lags, 50), "loop_lag_ms_p99": pct(lags, 99), "loop_lag_ms_max": max(lags, default=0),
@@ -161,7 +157,7 @@ async def open_loop_run(batcher: Batcher, timed: TimedEngine, load: LoadGenerato
     print(f"  {rate:7,.0f}/s: {step.throughput:7,.0f} pairs/s p50 {step.p50_ms:6.1f} p99 {step.p99_ms:6.1f} ms; "
           f"{len(records)} batches, size p50 {row['batch_size_p50']:.0f} max {row['batch_size_max']}; thread wall p50 "
           f"{row['thread_wall_ms_p50']:.2f} p99 {row['thread_wall_ms_p99']:.2f} max {row['thread_wall_ms_max']:.1f} ms, CPU p50 "
-          f"{row['thread_cpu_ms_p50']:.2f}; hop p50 {row['hop_ms_p50']:.2f} p99 {row['hop_ms_p99']:.2f}; runner busy "
+          f"{row['thread_cpu_ms_p50']:.2f}; runner busy "
           f"{row['runner_busy_share']:.0%}; loop lag p99 {row['loop_lag_ms_p99']:.1f} max {row['loop_lag_ms_max']:.1f}; "
           f"gc {len(pauses)}x max {row['gc_ms_max']:.1f} ms; recompiles {row['recompilations']}", flush=True)
     return row
