@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import PurePosixPath
 from typing import Any
 
 import kubernetes_validate
@@ -231,6 +232,36 @@ def test_one_gpu_per_pod_renders_no_devices_flag() -> None:
     assert "--devices" not in c["args"]
     assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
 
+
+
+@pytest.mark.parametrize("model", [{"id": MODEL, "cache": {"pvc": "structsim-models"}}, {"id": MODEL}])
+def test_compile_caches_live_on_the_model_volume(model: dict[str, Any]) -> None:
+    """torch.compile's caches outlive the pod (on the claim, or at least a container restart), not /tmp."""
+    spec = parse_spec({**SPEC, "model": model})
+    ds = render.render_daemonset(OWNER, spec, H100.labels[0], render.serving(spec, H100, None, None), "cm")
+    job = render.render_job(OWNER, spec, H100, fingerprint(spec), 1)
+    for manifest in (ds, job):
+        pod = manifest["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        names = [e["name"] for e in c["env"]]
+        assert len(names) == len(set(names))  # one value each: no later entry silently overrides it
+        env = {e["name"]: e["value"] for e in c["env"]}
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+            path = PurePosixPath(env[variable])
+            assert path.is_absolute()
+            # The deepest mount holding the path is the models volume, writable, and not HOME's /tmp.
+            mount = max((m for m in mounts if path.is_relative_to(m)), key=lambda m: len(PurePosixPath(m).parts))
+            assert mount == env["STRUCTSIM_CACHE_DIR"] and path != PurePosixPath(mount)
+            assert not mounts[mount].get("readOnly", False)
+            assert not path.is_relative_to(env["HOME"])
+            volume = volumes[mounts[mount]["name"]]
+            if "cache" in model:
+                assert volume["persistentVolumeClaim"] == {"claimName": "structsim-models"}
+            else:
+                assert volume["emptyDir"] == {}
+        assert env["TORCHINDUCTOR_CACHE_DIR"] != env["TRITON_CACHE_DIR"]
 
 def test_rendered_args_parse_with_the_real_serve_and_autotune() -> None:
     """The flag names are a contract with the service's and autotune's CLIs: parse them there."""
