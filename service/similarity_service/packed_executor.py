@@ -12,8 +12,9 @@ bucket): the inputs go into a static device buffer, padded with dummy sequences 
 the unused sequence slots, then the rest of the bucket's tokens in a few padding sequences of at most
 `max_seq_len` tokens, so the attention grid is sized by `max_seq_len`, not by the bucket); input and
 output go through persistent pinned buffers, so a call is one copy in, one replay, one copy out. Token
-buckets grow by at most 1.5x, so padding costs at most a third of a bucket's matmul work, and only
-below the size where a forward's device time dwarfs its launch cost.
+buckets double up to 2,048 tokens (where launches, not matmuls, set the time) and grow by at most 1.5x
+above, so there padding costs at most a third of a bucket's matmul work; past the largest bucket a
+forward's device time dwarfs its launch cost and it runs op by op.
 """
 
 from __future__ import annotations
