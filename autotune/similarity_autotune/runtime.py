@@ -3,8 +3,9 @@
 Trials reuse them: an engine is loaded (and warmed up) the first time its precision is tried and kept
 for the study; its batcher is reconfigured to each trial's batch size and wait. These are the
 service's own `Engine` and `Batcher`, on the event loop `structsim serve` gets from uvicorn (uvloop
-where installed) and with serve's GIL switch interval and young-generation GC threshold, so a trial measures what serve runs: at GPU
-rates the loop and the hand-offs between it and the runner thread are a large part of a config's cost.
+where installed) and with serve's GIL switch interval and young-generation GC threshold, so a trial
+measures what serve runs: at GPU rates the loop and the hand-offs between it and the runner thread are
+a large part of a config's cost.
 """
 
 from __future__ import annotations

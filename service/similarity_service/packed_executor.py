@@ -161,7 +161,8 @@ class PackedExecutor:
         self._pin = cuda
         # Graph inputs: a static device buffer laid out per bucket as [ids | types | positions | cu_seqlens],
         # mirrored by a persistent pinned host buffer; graph outputs land in a persistent pinned host buffer.
-        max_slots = max((bucket.slots for bucket in reachable_buckets(max_seq_len)), default=1)
+        self._buckets = reachable_buckets(max_seq_len)  # what capture_all captures, largest first
+        max_slots = max((bucket.slots for bucket in self._buckets), default=1)
         size = 3 * GRAPH_TOKEN_BUCKETS[-1] + max_slots + 1
         self._static = torch.zeros(size, dtype=torch.int32, device=device)
         self._host_in = torch.zeros(size, dtype=torch.int32, pin_memory=cuda)
@@ -257,7 +258,7 @@ class PackedExecutor:
 
     def capture_all(self) -> None:
         """Capture every bucket, largest first (warm-up before ready: no request pays for a capture)."""
-        for bucket in reachable_buckets(self._max_seq_len):
+        for bucket in self._buckets:
             self.capture(bucket)
 
     def _replay(self, block: np.ndarray, cu: np.ndarray, bucket: GraphBucket) -> list[float]:

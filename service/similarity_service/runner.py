@@ -9,8 +9,9 @@ the caller's order. A CUDA out-of-memory error on a sub-batch empties the alloca
 retries the two halves, down to a single pair, before giving up with `EngineOOMError`.
 
 On CUDA in fp16/bf16 the engine runs packed instead (packed.py, packed_executor.py): no padding at
-all, variable-length flash attention, CUDA graphs for every batch of up to 16k tokens, optionally torch.compile; the
-sub-batches are cut by real tokens, launched back to back, and synchronized once at the end.
+all, variable-length flash attention, CUDA graphs for every batch of up to 16k tokens, optionally
+torch.compile; the sub-batches are cut by real tokens, launched back to back, and synchronized once at
+the end.
 """
 
 from __future__ import annotations
