@@ -11,7 +11,9 @@ time, and it stalls the serving event loop. So every call of up to `GRAPH_TOKEN_
 bucket): the inputs go into a static device buffer, padded with dummy sequences (one token each, for
 the unused sequence slots, then the rest of the bucket's tokens in a few padding sequences of at most
 `max_seq_len` tokens, so the attention grid is sized by `max_seq_len`, not by the bucket); input and
-output go through persistent pinned buffers, so a call is one copy in, one replay, one copy out. Token
+output go through persistent pinned buffers, and both copies are captured in the graph: a call is one
+replay and one synchronize, the runner thread's only two releases of the GIL (each release costs it up to
+the switch interval to win the GIL back while the event loop runs Python: bench/gil_reacquire_probe.py). Token
 buckets double up to 2,048 tokens (where launches, not matmuls, set the time) and grow by at most 1.5x
 above, so there padding costs at most a third of a bucket's matmul work; past the largest bucket a
 forward's device time dwarfs its launch cost and it runs op by op.
@@ -168,7 +170,7 @@ class PackedExecutor:
         self._host_in = torch.zeros(size, dtype=torch.int32, pin_memory=cuda)
         self._host_out = torch.zeros(max_slots, dtype=torch.float32, pin_memory=cuda)
         self._cls_offsets = torch.arange(max_slots + 1, dtype=torch.int32, device=device)
-        self._graphs: dict[GraphBucket, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[GraphBucket, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if cuda else None
 
     def run(
@@ -239,8 +241,9 @@ class PackedExecutor:
         if bucket in self._graphs:
             return
         size = 3 * bucket.tokens
+        used = size + bucket.slots + 1
         block = self._static[:size].view(3, bucket.tokens)
-        cu = self._static[size : size + bucket.slots + 1]
+        cu = self._static[size:used]
         # A valid packing to capture with: no real pairs, every slot a dummy, the rest padding.
         cu.copy_(torch.from_numpy(graph_offsets(np.zeros(1, dtype=np.int32), bucket, self._max_seq_len)))
         side = torch.cuda.Stream(self._device)
@@ -253,8 +256,10 @@ class PackedExecutor:
         # Capture on this device's stream: torch.cuda.graph's default capture stream is one per process,
         # made on whichever device came first, so a second GPU's replica would capture nothing.
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool, stream=side):
+            self._static[:used].copy_(self._host_in[:used], non_blocking=True)
             output = self._call(block, cu, self._max_len(bucket))
-        self._graphs[bucket] = (graph, output)
+            self._host_out[: bucket.sequences].copy_(output[: bucket.sequences], non_blocking=True)
+        self._graphs[bucket] = graph
 
     def capture_all(self) -> None:
         """Capture every bucket, largest first (warm-up before ready: no request pays for a capture)."""
@@ -264,7 +269,6 @@ class PackedExecutor:
     def _replay(self, block: np.ndarray, cu: np.ndarray, bucket: GraphBucket) -> list[float]:
         if bucket not in self._graphs:
             self.capture(bucket)
-        graph, output = self._graphs[bucket]
         tokens, sequences = block.shape[1], len(cu) - 1
         size = 3 * bucket.tokens
         host = self._host_in.numpy()
@@ -272,9 +276,7 @@ class PackedExecutor:
         rows[:, :tokens] = block
         rows[:, tokens:] = 0  # dummies and padding: id 0, type 0, position 0
         host[size : size + bucket.slots + 1] = graph_offsets(cu, bucket, self._max_seq_len)
-        used = size + bucket.slots + 1
-        self._static[:used].copy_(self._host_in[:used], non_blocking=True)
-        graph.replay()
-        self._host_out[:sequences].copy_(output[:sequences], non_blocking=True)
+        # the graph copies the host buffer in and the scores out itself
+        self._graphs[bucket].replay()
         torch.cuda.current_stream(self._device).synchronize()
         return self._host_out[:sequences].tolist()
