@@ -15,7 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from similarity_service import __version__
-from similarity_service.controllers import DEPENDENCIES, ROUTES
+from similarity_service.controllers import ROUTES, dependencies
 from similarity_service.errors import UnsupportedMediaType, exception_handlers
 from similarity_service.lifespan import EngineFactory, ServiceState, load_engine, service_lifespan
 from similarity_service.metrics import RequestMetricsMiddleware, ServiceMetrics
@@ -56,7 +56,7 @@ def create_app(
     service = ServiceState(settings, metrics, on_ready)
     return Litestar(
         route_handlers=ROUTES,
-        dependencies=DEPENDENCIES,
+        dependencies=dependencies(service),
         state=State({"service": service}),
         lifespan=[service_lifespan(service, engine_factory)],
         request_class=JSONRequest,

@@ -13,7 +13,6 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from litestar import Request, Response, get, post
-from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
@@ -54,11 +53,14 @@ class ClientGone(ServiceError):
     status_code = 499
 
 
-def provide_service(state: State) -> ServiceState:
-    return state.service  # type: ignore[no-any-return]
+def dependencies(service: ServiceState) -> dict[str, Provide]:
+    """The routes' `service`: the app's one `ServiceState`, from a provider that takes no arguments, so Litestar
+    has nothing to extract or validate for it on each request (from `state: State` it cost ~6 µs a request)."""
 
+    def provide_service() -> ServiceState:
+        return service
 
-DEPENDENCIES = {"service": Provide(provide_service, sync_to_thread=False)}
+    return {"service": Provide(provide_service, sync_to_thread=False)}
 
 
 def _errors(*statuses: int) -> dict[int, ResponseSpec]:
