@@ -16,6 +16,7 @@ import pytest
 
 from fake_engine import FakeEngine
 from live_server import LiveServer, live_server
+from similarity_service import controllers
 from similarity_service.app import create_app
 from similarity_service.lifespan import EngineLoadError, Phase
 from similarity_service.settings import Settings
@@ -149,6 +150,28 @@ def test_pairs_of_a_client_that_left_never_reach_the_engine(engine: FakeEngine) 
             with pytest.raises(httpx.TimeoutException):
                 future.result()
         wait_for(lambda: server.service.scorer is not None and queued(server) == 0)
+        engine.gate.set()
+        assert first.result().status_code == 200
+        assert httpx.post(f"{server.url}/v1/similarity", json=PAIR).status_code == 200
+        keys = [p.input_ids[0] for batch in engine.batches for p in batch]
+        assert 8 not in keys and keys == [3, 3]
+
+
+def test_pairs_of_a_client_that_left_before_the_watch_began_are_dropped_once_it_begins(
+    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(controllers, "CLIENT_WATCH_DELAY_S", 1.0)  # the clients below leave after 0.2 s
+    with serve(engine) as server, ThreadPoolExecutor(4) as pool:
+        server.wait_ready()
+        engine.gate.clear()
+        first = pool.submit(httpx.post, f"{server.url}/v1/similarity", json=PAIR, timeout=30)
+        engine.started.wait(10)
+        leaving = {"sentence1": "abcdefg", "sentence2": "h"}  # key 8
+        gone = [pool.submit(httpx.post, f"{server.url}/v1/similarity", json=leaving, timeout=0.2) for _ in range(2)]
+        for future in gone:
+            with pytest.raises(httpx.TimeoutException):
+                future.result()
+        wait_for(lambda: queued(server) == 0)  # the watch began: the queued one is dropped, the slot's cancelled
         engine.gate.set()
         assert first.result().status_code == 200
         assert httpx.post(f"{server.url}/v1/similarity", json=PAIR).status_code == 200
