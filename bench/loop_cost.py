@@ -282,7 +282,7 @@ class Server:
         env = {**os.environ, "PYTHONPATH": pythonpath}
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve", json.dumps({**spec, "port": self.port})],
-            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            env=env, preexec_fn=(lambda: os.sched_setaffinity(0, spec["server_cpus"])) if spec.get("server_cpus") else None, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def ask(self, *command: object) -> dict[str, Any]:
@@ -361,6 +361,20 @@ def summary(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
+def paired_ratios(new: list[list[dict[str, Any]]], old: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per run: new/old of each round's figures (the two trees ran next to each other, so drift of this
+    machine's speed cancels), their median and min-max."""
+    out = []
+    for new_runs, old_runs in zip(zip(*new, strict=True), zip(*old, strict=True), strict=True):
+        row: dict[str, Any] = {"kind": new_runs[0]["kind"], "load": new_runs[0]["load"]}
+        for key in ("loop_cpu_us_per_request", "process_cpu_us_per_request", "throughput_rps", "p99_ms"):
+            ratios = [a[key] / b[key] for a, b in zip(new_runs, old_runs, strict=True)]
+            row[f"{key}_new_over_old"] = {"median": statistics.median(ratios), "range": [min(ratios), max(ratios)],
+                                          "rounds": ratios}
+        out.append(row)
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["run           req/s   p50 ms   p99 ms   loop CPU µs/req   tokenizing   process CPU µs/req   loop busy"]
     for r in rows:
@@ -391,6 +405,7 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--compare", metavar="REV", help="also measure git revision REV's service code")
     parser.add_argument("--profile", action="store_true", help="cProfile the loop thread in one more run per tree")
+    parser.add_argument("--pin", action="store_true", help="server on the last CPU, the client on the others")
     parser.add_argument("--quick", action="store_true", help="short runs: checks the script, not a benchmark")
     parser.add_argument("--label", help="added to the output file's name")
     parser.add_argument("--out-dir", type=Path)
@@ -406,7 +421,11 @@ def main() -> None:
     runs = [("closed", float(c)) for c in args.connections] + [("open", r) for r in args.rates]
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"vocab_dir": write_vocab(Path(tmp)), "max_batch_size": args.max_batch_size,
-                "max_seq_len": args.max_seq_len}
+                "max_seq_len": args.max_seq_len, "server_cpus": None}
+        if args.pin:  # the server on the last CPU, this process (the client) on the others
+            cpus = sorted(os.sched_getaffinity(0))
+            spec["server_cpus"] = cpus[-1:]
+            os.sched_setaffinity(0, cpus[:-1])
         trees = {"this tree": str(REPO / "service")}
         if args.compare:
             trees[args.compare] = str(extract_tree(args.compare, Path(tmp)))
@@ -440,14 +459,12 @@ def main() -> None:
             print(f"  {r['kind']:6} {r['load']:>6g}: {r['throughput_rps']:7.0f} req/s  loop {r['loop_cpu_us_per_request']:6.1f}"
                   f" µs/req ({lo:.1f}-{hi:.1f}), tokenizing {r['encode_cpu_us_per_request']:5.1f},  process {r['process_cpu_us_per_request']:6.1f}  p99 {r['p99_ms']:.2f} ms")
     if args.compare:
-        report["ratios"] = [
-            {"kind": new["kind"], "load": new["load"],
-             **{f"{key}_new_over_old": new[key] / old[key] for key in
-                ("loop_cpu_us_per_request", "process_cpu_us_per_request", "throughput_rps", "p99_ms")}}
-            for new, old in zip(report["summary"]["this tree"], report["summary"][args.compare], strict=True)]
-        print(f"\nthis tree / {args.compare}:")
+        report["ratios"] = paired_ratios(rounds["this tree"], rounds[args.compare])
+        print(f"\nthis tree / {args.compare}, paired by round (median, min-max):")
         for r in report["ratios"]:
-            print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
+            print(f"  {r['kind']:6} {r['load']:>6g}: " + ", ".join(
+                f"{key.removesuffix('_new_over_old')} x{value['median']:.3f} ({value['range'][0]:.3f}-{value['range'][1]:.3f})"
+                for key, value in r.items() if key.endswith("_new_over_old")))
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         label = f"-{args.label}" if args.label else ""
