@@ -20,6 +20,7 @@ import msgspec
 from litestar import Litestar
 
 from similarity_service.batching import Batcher, Draining
+from similarity_service.encoding import Encoder
 from similarity_service.engine_api import ScoringEngine
 from similarity_service.errors import NotReady
 from similarity_service.gpu_stats import GpuStats
@@ -150,9 +151,11 @@ class ServiceState:
             on_batch=self.metrics.observe_batch,
             failures_before_unhealthy=FAILED_BATCHES_BEFORE_UNHEALTHY,
         )
+        encoder = Encoder(engine.encode)
+        await encoder.start()
         await batcher.start()
         self.engines = engines
-        self.scorer = Scorer(engine, batcher, settings)
+        self.scorer = Scorer(engine, encoder, batcher, settings)
         self.profile = self._read_profile(engine)
         self.metrics.watch_batcher(batcher)
         self.metrics.model.info(
@@ -191,6 +194,7 @@ class ServiceState:
         await self.drain(self.settings.drain_timeout_s)
         if self.scorer is not None:
             await self.scorer.batcher.close()
+            await self.scorer.encoder.close()
         if self._gpu_stats is not None:
             self.metrics.remove_collector(self._gpu_stats)
             self._gpu_stats.close()

@@ -2,7 +2,7 @@
 
 Routes translate wire types to these calls and back; limits over the configured bounds raise
 `TooLarge` (413). Pairs are tokenized before they are queued, so the batcher knows every pair's
-token count (as text-embeddings-inference does).
+token count (as text-embeddings-inference does), never on the event loop.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from collections.abc import Sequence
 import msgspec
 
 from similarity_service.batching import Batcher
+from similarity_service.encoding import Encoder
 from similarity_service.engine_api import ScoringEngine
 from similarity_service.errors import BadRequest, TooLarge
 from similarity_service.settings import Settings
 
-INLINE_ENCODE_PAIRS = 4  # requests this small are tokenized on the event loop (≈0.2 ms at most)
+# Requests this small are tokenized by the shared tokenizer thread, merged with others; a larger one in a
+# thread of its own, so that it does not hold up small ones behind it.
+SHARED_ENCODE_MAX_PAIRS = 4
 
 
 class Ranked(msgspec.Struct, frozen=True):
@@ -35,8 +38,9 @@ def rank(targets: Sequence[str], scores: Sequence[float], top_k: int | None = No
 class Scorer:
     """Scores pairs through the batcher; one per served model."""
 
-    def __init__(self, engine: ScoringEngine, batcher: Batcher, settings: Settings) -> None:
+    def __init__(self, engine: ScoringEngine, encoder: Encoder, batcher: Batcher, settings: Settings) -> None:
         self.engine = engine
+        self.encoder = encoder
         self.batcher = batcher
         self._settings = settings
 
@@ -66,10 +70,8 @@ class Scorer:
         return rank(targets, scores, top_k)
 
     async def _score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        # Tokenizing costs ~50 µs a pair: a few pairs are cheaper on the loop than a thread hop (measured
-        # +20 % requests/s for single pairs); a big request goes to a thread so the loop stays responsive.
-        if len(pairs) <= INLINE_ENCODE_PAIRS:
-            encoded = self.engine.encode(pairs)
+        if len(pairs) <= SHARED_ENCODE_MAX_PAIRS:
+            encoded = await self.encoder.encode(pairs)
         else:
             encoded = await asyncio.to_thread(self.engine.encode, pairs)
         return await self.batcher.submit(encoded)

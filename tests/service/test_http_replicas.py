@@ -84,8 +84,13 @@ def test_a_broken_replica_is_reported_and_the_pod_stays_live() -> None:
     ):
         server.wait_ready()
         assert loaded == ["cuda:0", "cuda:1"]  # one engine per device, in order
-        answers = [client.post("/v1/similarity", json={"sentence1": "好", "sentence2": "行"}) for _ in range(12)]
-        # Sequential calls find both replicas idle; whichever got a batch, only the broken one's callers fail.
+        post = lambda: client.post("/v1/similarity", json={"sentence1": "好", "sentence2": "行"})  # noqa: E731
+        # Sequential calls find both replicas idle: whichever takes a batch, only the broken one's callers fail.
+        # Which one takes it is up to the threads' scheduling, so call until the broken one has failed enough.
+        answers = [post()]
+        while sum(a.status_code != 200 for a in answers) < FAILED_BATCHES_BEFORE_UNHEALTHY and len(answers) < 200:
+            answers.append(post())
+        answers += [post() for _ in range(12)]
         failed = sum(answer.status_code != 200 for answer in answers)
         assert failed == FAILED_BATCHES_BEFORE_UNHEALTHY  # then the broken replica gets no more batches
         assert all(answer.json()["similarity"] == 0.0002 for answer in answers if answer.status_code == 200)
