@@ -334,7 +334,7 @@ def run_tree(pythonpath: str, spec: dict[str, Any], runs: list[tuple[str, float]
             runner.run(closed_loop(server.port, requests, 16, 1.0))  # warm: first calls, caches, branches
             rows = [runner.run(measure(server, kind, load, seconds, pairs, requests)) for kind, load in runs]
             if profile:
-                rows.append(runner.run(measure(server, "closed", runs[0][1], seconds, pairs, requests, profile=True)))
+                rows.append(runner.run(measure(server, *runs[0], seconds, pairs, requests, profile=True)))
         return rows
     finally:
         server.stop()
@@ -397,14 +397,14 @@ def profile_table(profile: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connections", type=int, nargs="+", default=[16], help="closed-loop runs (default 16)")
+    parser.add_argument("--connections", type=int, nargs="*", default=[16], help="closed-loop runs (default 16)")
     parser.add_argument("--rates", type=float, nargs="*", default=[500], help="open-loop runs, requests/s")
     parser.add_argument("--seconds", type=float, default=5.0, help="per run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="fresh servers per tree, interleaved A B B A")
     parser.add_argument("--max-batch-size", type=int, default=128)
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--compare", metavar="REV", help="also measure git revision REV's service code")
-    parser.add_argument("--profile", action="store_true", help="cProfile the loop thread in one more run per tree")
+    parser.add_argument("--profile", action="store_true", help="cProfile the loop thread in one more first run per tree")
     parser.add_argument("--pin", action="store_true", help="server on the last CPU, the client on the others")
     parser.add_argument("--quick", action="store_true", help="short runs: checks the script, not a benchmark")
     parser.add_argument("--label", help="added to the output file's name")
