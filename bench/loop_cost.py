@@ -9,8 +9,10 @@ Litestar's routing and handler call, strict decoding, tokenizing, the batcher, m
 The loop thread reads its own CPU time (`time.thread_time`) when the parent asks over a pipe (a reader
 on the loop), at the start and end of each run; its difference over the requests answered is the
 figure reported (`loop_cpu_us_per_request`), beside the whole server process's CPU per request and the
-tokenizer's (`encode_cpu_us_per_request`, in whichever thread it ran: single pairs are tokenized on the
-loop), which varies between CPUs more than the rest (their caches: hot in a tight loop, it costs half).
+tokenizer's (`encode_cpu_us_per_request`, in the thread that called it, without the Rust pool's threads
+that a call of many pairs uses), which varies between CPUs more than the rest (their caches: hot in a tight
+loop, it costs half). `pairs_per_encode_call` and `gil_free_encode_share` (the share of pairs tokenized in
+calls large enough to release the GIL) tell whether tokenizing still competes with the loop for the GIL.
 
 Load, from this process (the other core on a 2-core machine):
 - closed loop (`--connections`): that many keep-alive connections, each sending single-pair
@@ -69,10 +71,14 @@ class InstantEngine:
 
     def __init__(self, vocab_dir: str, max_seq_len: int) -> None:
         from similarity_service.engine_api import EngineInfo
-        from similarity_service.tokenization import PairTokenizer
+        from similarity_service.tokenization import PARALLEL_ENCODE_MIN_PAIRS, PairTokenizer
 
         self._tokenizer = PairTokenizer(vocab_dir, max_seq_len=max_seq_len)
         self.encode_cpu_s = 0.0  # CPU time spent tokenizing, in whichever thread called `encode`
+        self.encode_calls = 0
+        self.encoded_pairs = 0
+        self.pairs_in_gil_free_calls = 0
+        self._gil_free_min_pairs = PARALLEL_ENCODE_MIN_PAIRS  # calls this large release the GIL
         self.info = EngineInfo(
             model_id="instant", revision=None, model_dir=vocab_dir, fingerprint="instant", precision="fp32",
             device="cpu", device_name="instant", compute_capability=None, max_seq_len=max_seq_len,
@@ -82,6 +88,10 @@ class InstantEngine:
         started = time.thread_time()
         encoded = self._tokenizer.encode(pairs)
         self.encode_cpu_s += time.thread_time() - started
+        self.encode_calls += 1
+        self.encoded_pairs += len(pairs)
+        if len(pairs) >= self._gil_free_min_pairs:
+            self.pairs_in_gil_free_calls += len(pairs)
         return encoded
 
     def score_encoded(self, batch: Sequence[Any]) -> list[float]:
@@ -106,7 +116,9 @@ class Control:
         answer: dict[str, Any] = {}
         if command[0] == "mark":
             answer = {"thread_s": time.thread_time(), "process_s": time.process_time(),
-                      "encode_s": self._engine.encode_cpu_s, "module": sys.modules["similarity_service"].__file__,
+                      "encode_s": self._engine.encode_cpu_s, "encode_calls": self._engine.encode_calls,
+                      "encoded_pairs": self._engine.encoded_pairs,
+                      "pairs_in_gil_free_calls": self._engine.pairs_in_gil_free_calls, "module": sys.modules["similarity_service"].__file__,
                       "gc_collections": [s["collections"] for s in gc.get_stats()]}
         elif command[0] == "profile-on":
             self._profile = cProfile.Profile()
@@ -308,11 +320,17 @@ async def measure(server: Server, kind: str, load: float, seconds: float, pairs:
         row = await open_loop(server.url, load, seconds, pairs)
     after = server.ask("mark")
     answered = row["answered"] or 1
+
+    def delta(key: str) -> float:
+        return after[key] - before[key]  # type: ignore[no-any-return]
+
     row = {"kind": kind, "load": load, **row,
-           "loop_cpu_us_per_request": (after["thread_s"] - before["thread_s"]) / answered * 1e6,
-           "process_cpu_us_per_request": (after["process_s"] - before["process_s"]) / answered * 1e6,
-           "encode_cpu_us_per_request": (after["encode_s"] - before["encode_s"]) / answered * 1e6,
-           "loop_busy_share": (after["thread_s"] - before["thread_s"]) / row["elapsed_s"],
+           "loop_cpu_us_per_request": delta("thread_s") / answered * 1e6,
+           "process_cpu_us_per_request": delta("process_s") / answered * 1e6,
+           "encode_cpu_us_per_request": delta("encode_s") / answered * 1e6,
+           "pairs_per_encode_call": delta("encoded_pairs") / max(1, delta("encode_calls")),
+           "gil_free_encode_share": delta("pairs_in_gil_free_calls") / max(1, delta("encoded_pairs")),
+           "loop_busy_share": delta("thread_s") / row["elapsed_s"],
            "gc_collections": [a - b for a, b in zip(after["gc_collections"], before["gc_collections"], strict=True)]}
     if profile:
         row["profile"] = server.ask("profile-off", answered)
@@ -351,7 +369,8 @@ def summary(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     out = []
     for runs in zip(*rounds, strict=True):
         row: dict[str, Any] = {"kind": runs[0]["kind"], "load": runs[0]["load"], "rounds": len(runs)}
-        for key in ("loop_cpu_us_per_request", "encode_cpu_us_per_request", "process_cpu_us_per_request", "throughput_rps", "p50_ms", "p99_ms",
+        for key in ("loop_cpu_us_per_request", "encode_cpu_us_per_request", "process_cpu_us_per_request",
+                    "pairs_per_encode_call", "gil_free_encode_share", "throughput_rps", "p50_ms", "p99_ms",
                     "loop_busy_share"):
             values = [r[key] for r in runs if r.get(key) is not None]
             if values:
@@ -376,12 +395,13 @@ def paired_ratios(new: list[list[dict[str, Any]]], old: list[list[dict[str, Any]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["run           req/s   p50 ms   p99 ms   loop CPU µs/req   tokenizing   process CPU µs/req   loop busy"]
+    lines = ["run           req/s   p50 ms   p99 ms   loop CPU µs/req   tokenizing   process CPU µs/req   loop busy"
+             "   pairs/tokenizer call"]
     for r in rows:
         lines.append(f"{r['kind']:6} {r['load']:>6g} {r['throughput_rps']:7.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
                      f"{r['loop_cpu_us_per_request']:17.1f} {r['encode_cpu_us_per_request']:12.1f} "
                      f"{r['process_cpu_us_per_request']:20.1f} "
-                     f"{r['loop_busy_share']:11.2f}")
+                     f"{r['loop_busy_share']:11.2f} {r['pairs_per_encode_call']:22.1f}")
     return "\n".join(lines)
 
 
@@ -457,7 +477,9 @@ def main() -> None:
         for r in rows:
             lo, hi = r["loop_cpu_us_per_request_range"]
             print(f"  {r['kind']:6} {r['load']:>6g}: {r['throughput_rps']:7.0f} req/s  loop {r['loop_cpu_us_per_request']:6.1f}"
-                  f" µs/req ({lo:.1f}-{hi:.1f}), tokenizing {r['encode_cpu_us_per_request']:5.1f},  process {r['process_cpu_us_per_request']:6.1f}  p99 {r['p99_ms']:.2f} ms")
+                  f" µs/req ({lo:.1f}-{hi:.1f}), tokenizing {r['encode_cpu_us_per_request']:5.1f} "
+                  f"({r['pairs_per_encode_call']:.1f} pairs a call), process {r['process_cpu_us_per_request']:6.1f}, "
+                  f"p99 {r['p99_ms']:.2f} ms")
     if args.compare:
         report["ratios"] = paired_ratios(rounds["this tree"], rounds[args.compare])
         print(f"\nthis tree / {args.compare}, paired by round (median, min-max):")
