@@ -41,7 +41,9 @@ from similarity_service.tokenization import SPECIAL_TOKENS_PER_PAIR, PairTokeniz
 # fp16 while still feeding a GPU fully (e.g. 64 pairs of 512 tokens, or 256 pairs of 128).
 DEFAULT_MAX_BATCH_TOKENS = 32_768
 DEFAULT_MAX_BATCH_SIZE = 256
-# `score` tokenizes long inputs in chunks of this many pairs, overlapped with scoring.
+# `score` tokenizes long inputs in chunks, overlapped with scoring: the first is small, so the device
+# starts early (its tokenizing is the only part not overlapped), and they double up to SCORE_CHUNK_PAIRS.
+FIRST_SCORE_CHUNK_PAIRS = 256
 SCORE_CHUNK_PAIRS = 2_048
 # Sub-batches are padded up to a multiple of this many tokens: few distinct shapes (each warmed up
 # once), little padding (at most bucket_multiple - 1 tokens a pair), and Tensor Core-friendly sizes.
@@ -53,6 +55,16 @@ DEFAULT_MAX_PACKED_TOKENS = 65_536
 DEFAULT_MAX_PACKED_PAIRS = 4_096
 # Precisions the flash varlen kernel takes.
 PACKED_PRECISIONS = ("fp16", "bf16")
+
+
+def score_chunks(count: int) -> list[tuple[int, int]]:
+    """[start, end) ranges that cover `count` pairs: FIRST_SCORE_CHUNK_PAIRS, then doubling up to SCORE_CHUNK_PAIRS."""
+    ranges, start, size = [], 0, FIRST_SCORE_CHUNK_PAIRS
+    while start < count:
+        ranges.append((start, min(start + size, count)))
+        start += size
+        size = min(2 * size, SCORE_CHUNK_PAIRS)
+    return ranges
 
 
 class EngineOOMError(EngineOutOfMemory):
@@ -227,9 +239,9 @@ class Engine:
         A long list is tokenized chunk by chunk in a helper thread while the device scores the chunks
         before it (the Rust tokenizer releases the GIL), so tokenizing costs little wall time.
         """
-        if len(pairs) <= SCORE_CHUNK_PAIRS:
+        if len(pairs) <= FIRST_SCORE_CHUNK_PAIRS:
             return self.score_encoded(self.encode(pairs))
-        chunks = [pairs[start : start + SCORE_CHUNK_PAIRS] for start in range(0, len(pairs), SCORE_CHUNK_PAIRS)]
+        chunks = [pairs[start:end] for start, end in score_chunks(len(pairs))]
         scores: list[float] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="structsim-tokenize") as tokenizer_thread:
             for encoded in tokenizer_thread.map(self.encode, chunks):
