@@ -49,6 +49,9 @@ RATES = (100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000)
 QUICK_RATES = (20, 50)
 BATCH_CONCURRENCY = (4, 16, 32)
 BATCH_PAIRS = 32
+# Open-loop client processes: one Python client falls behind its schedule near 2,000 single-pair
+# requests/s (its lag then counts as the server's latency); four on a 16-core host, one on a small one.
+CLIENT_PROCESSES = max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 def free_port() -> int:
@@ -145,13 +148,16 @@ def server_view(before: dict[str, float], after: dict[str, float], seconds: floa
 
 
 def run_ladder(
-    url: str, rates: Sequence[float], duration_s: float, pairs: list[tuple[str, str]]
+    url: str, rates: Sequence[float], duration_s: float, pairs: list[tuple[str, str]], client_processes: int
 ) -> list[dict[str, object]]:
     """Open loop at each rate, lowest first; stops after the first rate that clearly overloads the server."""
     runs = []
     for rate in rates:
         before = scrape(url)
-        result = asyncio.run(loadgen.run_open_loop(url, rate, duration_s, pairs))
+        if client_processes > 1:
+            result = loadgen.open_loop_in_processes(url, rate, duration_s, pairs, processes=client_processes)
+        else:
+            result = asyncio.run(loadgen.run_open_loop(url, rate, duration_s, pairs))
         entry = {**result.to_dict(), "server": server_view(before, scrape(url), result.duration_s)}
         runs.append(entry)
         print(loadgen.format_table([result]).splitlines()[-1], flush=True)
@@ -225,6 +231,7 @@ def measure(
     duration_s: float | None = None,
     rates: Sequence[float] | None = None,
     concurrency: Sequence[int] | None = None,
+    client_processes: int = CLIENT_PROCESSES,
 ) -> dict[str, object]:
     """Serve `model_dir`, run the load, stop; everything measured as a JSON-able dict (bench/perf.py calls this)."""
     duration = duration_s or (2.0 if quick else 10.0)
@@ -236,7 +243,8 @@ def measure(
             info = httpx.get(f"{server.url}/v1/info", timeout=10).json()
             asyncio.run(loadgen.run_closed_loop(server.url, 8, 1.0 if quick else 3.0, pairs))  # warm the HTTP path
             sequential = asyncio.run(round_trips(server.url, 1 if quick else 5))
-            open_loop = run_ladder(server.url, rates or (QUICK_RATES if quick else RATES), duration, pairs)
+            ladder = rates or (QUICK_RATES if quick else RATES)
+            open_loop = run_ladder(server.url, ladder, duration, pairs, client_processes)
             clients = concurrency or (BATCH_CONCURRENCY[:1] if quick else BATCH_CONCURRENCY)
             batches = run_batches(server.url, clients, duration, pairs)
         finally:
@@ -248,6 +256,7 @@ def measure(
         "precision": info["precision"],
         "info": info,
         "serve_args": list(extra),
+        "open_loop_client_processes": client_processes,
         "cold_start_s": cold_start_s,
         "summary": summarize(open_loop),
         "sequential_round_trips": sequential,
@@ -270,6 +279,10 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", help=f"open-loop single-pair rates (default {RATES})")
     parser.add_argument("--concurrency", type=int, nargs="+", help=f"batch-request clients (default {BATCH_CONCURRENCY})")
     parser.add_argument(
+        "--client-processes", type=int, default=CLIENT_PROCESSES,
+        help=f"open-loop client processes (default here {CLIENT_PROCESSES}: a quarter of the cores, at most 4)",
+    )
+    parser.add_argument(
         "--label", default="", help="added to the result's name and record, e.g. which tree served (A/B runs)"
     )
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
@@ -286,6 +299,7 @@ def main() -> None:
             duration_s=args.duration,
             rates=args.rates,
             concurrency=args.concurrency,
+            client_processes=args.client_processes,
         )
     now = datetime.now(UTC)
     report = {

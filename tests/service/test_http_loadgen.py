@@ -45,6 +45,16 @@ async def test_open_loop_sends_at_the_rate_and_reports_percentiles(server: LiveS
     assert result.p50_from_send_ms is not None and 0 < result.p50_from_send_ms <= result.p50_ms  # no client lag
 
 
+def test_open_loop_in_processes_splits_the_rate_and_merges_the_records(server: LiveServer) -> None:
+    result = loadgen.open_loop_in_processes(server.url, 300, 1.0, loadgen.corpus_pairs(), processes=2)
+    assert 200 <= result.sent <= 400  # two Poisson streams of 150/s for a second
+    assert result.ok == result.sent and result.errors == {}
+    assert result.target_rate == 300 and 0.9 <= result.duration_s <= 3.0  # the clients started together
+    assert result.p50_ms is not None and result.p99_ms is not None and 0 < result.p50_ms <= result.p99_ms
+    with pytest.raises(ValueError, match="processes"):
+        loadgen.open_loop_in_processes(server.url, 300, 1.0, [], processes=0)
+
+
 async def test_closed_loop_batches_and_errors_by_status(server: LiveServer) -> None:
     pairs = loadgen.corpus_pairs()
     result = await loadgen.run_closed_loop(server.url, 8, 0.5, pairs, route="batch", pairs_per_request=4)
