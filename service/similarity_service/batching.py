@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from similarity_service.engine_api import EncodedPair, EngineOutOfMemory, ScoringEngine
@@ -209,6 +210,7 @@ class Batcher:
         self._deadline: asyncio.TimerHandle | None = None  # forms the waiting batch at its oldest pair's deadline
         self._deadline_at = 0.0
         self._draining = False
+        self._preparing = 0  # admitted callers still preparing their pairs (tokenizing), see `admission`
         self._drained: asyncio.Event | None = None
 
         # The hand-off, shared with the replica threads; everything below is guarded by this condition.
@@ -307,9 +309,24 @@ class Batcher:
 
     # --- callers -------------------------------------------------------------------------------
 
-    async def submit(self, encoded: Sequence[EncodedPair]) -> list[float]:
-        """Score `encoded` in order. Raises `Overloaded` when the queue is full, `Draining` when shutting down."""
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Admit a caller before it prepares its pairs: a drain that begins meanwhile waits for it, and its
+        `submit(..., admitted=True)` is scored, not refused. Raises `Draining` when shutting down."""
         if self._draining:
+            raise Draining()
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+            if self._draining:
+                self._check_drained()
+
+    async def submit(self, encoded: Sequence[EncodedPair], *, admitted: bool = False) -> list[float]:
+        """Score `encoded` in order. Raises `Overloaded` when the queue is full, `Draining` when shutting down
+        (unless the caller was `admitted` before the drain began)."""
+        if self._draining and not admitted:
             raise Draining()
         loop = self._loop
         if loop is None or self._closing:
@@ -559,8 +576,8 @@ class Batcher:
                 log.exception("on_batch observer failed")
 
     def _check_drained(self) -> None:
-        """While draining: set `_drained` once nothing is queued, formed or running."""
-        if self._drained is None or self._first_live_request() is not None:
+        """While draining: set `_drained` once nothing is being prepared, queued, formed or running."""
+        if self._drained is None or self._preparing or self._first_live_request() is not None:
             return
         with self._changed:
             idle = self._slot is None and not any(replica.taken for replica in self._replicas)

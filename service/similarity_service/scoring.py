@@ -70,11 +70,13 @@ class Scorer:
         return rank(targets, scores, top_k)
 
     async def _score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        if len(pairs) <= SHARED_ENCODE_MAX_PAIRS:
-            encoded = await self.encoder.encode(pairs)
-        else:
-            encoded = await asyncio.to_thread(self.engine.encode, pairs)
-        return await self.batcher.submit(encoded)
+        # Admitted before tokenizing: a drain that begins meanwhile still scores this request.
+        with self.batcher.admission():
+            if len(pairs) <= SHARED_ENCODE_MAX_PAIRS:
+                encoded = await self.encoder.encode(pairs)
+            else:
+                encoded = await asyncio.to_thread(self.engine.encode, pairs)
+            return await self.batcher.submit(encoded, admitted=True)
 
     def _check_count(self, what: str, count: int, limit: int) -> None:
         if count > limit:

@@ -234,6 +234,32 @@ async def test_drain_flushes_without_waiting_and_refuses_new_work(
         await batcher.submit([pair(1)])
 
 
+async def test_drain_waits_for_callers_admitted_before_it_and_scores_them(
+    make_batcher: Callable[..., Batcher], engine: FakeEngine
+) -> None:
+    batcher = make_batcher(max_batch_size=64, max_wait_ms=0)
+    await batcher.start()
+    tokenized = asyncio.Event()
+
+    async def admitted_caller() -> list[float]:
+        with batcher.admission():
+            await tokenized.wait()  # still tokenizing when the drain begins
+            return await batcher.submit([pair(7)], admitted=True)
+
+    caller = asyncio.create_task(admitted_caller())
+    await asyncio.sleep(0)
+    drain = asyncio.create_task(batcher.drain())
+    await asyncio.sleep(0.05)
+    assert not drain.done()  # held open by the admitted caller
+    with pytest.raises(Draining):
+        batcher.admission().__enter__()  # no one new is admitted
+    with pytest.raises(Draining):
+        await batcher.submit([pair(1)])
+    tokenized.set()
+    assert await caller == [7 / 10_000]
+    await asyncio.wait_for(drain, 1)
+
+
 async def test_reconfigure_applies_to_the_next_batch(make_batcher: Callable[..., Batcher], engine: FakeEngine) -> None:
     batcher = make_batcher(max_batch_size=2, max_wait_ms=50)
     await batcher.start()
