@@ -22,8 +22,8 @@ import argparse
 import asyncio
 import collections
 import itertools
-import multiprocessing
 import json
+import multiprocessing
 import random
 import sys
 import time
