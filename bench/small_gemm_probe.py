@@ -6,7 +6,12 @@ each layer shape at M rows (fp16, bias) per variant: cuBLASLt (PyTorch's default
 max-autotune GEMM templates (static shapes), each replayed 200x inside one CUDA graph so launch gaps
 do not count. Not a benchmark of record: it decides whether a small-batch compile mode is worth building.
 
+`--pooler` times the fp32 pooler (768 -> 768 on one [CLS] row per pair, few rows for a single pair)
+instead: cuBLAS picks a split-K GEMM and a separate 14.6 us reduce kernel for it on an H100 (one pair's
+profile), against ways to spell the same product.
+
 GPU:  python3 bench/small_gemm_probe.py --out-dir $OUT
+      python3 bench/small_gemm_probe.py --pooler --rows 1 2 4 8 16 64 512 --out-dir $OUT
 """
 
 from __future__ import annotations
@@ -47,15 +52,45 @@ def device_us(fn, x: torch.Tensor) -> float:  # noqa: ANN001
     return start.elapsed_time(end) * 1e3 / (5 * REPS)
 
 
+def pooler_rows(rows: int, hidden: int = 768) -> dict[str, float]:
+    """Device us of the pooler's product at `rows` rows, per spelling (fp32 out, tanh after, as packed.py)."""
+    weight = torch.randn(hidden, hidden, device="cuda") * 0.02
+    bias = torch.randn(hidden, device="cuda") * 0.02
+    weight_t = weight.t().contiguous()
+    weight16, bias16 = weight.half(), bias.half()
+    x = torch.randn(rows, hidden, device="cuda")
+    row: dict[str, float] = {"rows": rows}
+    for library in ("cublaslt", "cublas"):
+        torch.backends.cuda.preferred_blas_library(library)
+        row[f"fp32_linear_{library}"] = device_us(lambda t: torch.tanh(F.linear(t, weight, bias)), x)
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    row["fp32_addmm_pretransposed"] = device_us(lambda t: torch.tanh(torch.addmm(bias, t, weight_t)), x)
+    row["fp32_matvec_rows"] = device_us(lambda t: torch.tanh((t.unsqueeze(1) * weight).sum(-1) + bias), x)
+    row["fp16_in_fp32_out_addmm"] = device_us(
+        lambda t: torch.tanh(torch.addmm(bias, t.half(), weight16.t(), out_dtype=torch.float32)), x
+    )
+    row["fp16_linear_then_float"] = device_us(lambda t: torch.tanh(F.linear(t.half(), weight16, bias16).float()), x)
+    exact = torch.tanh(F.linear(x.double(), weight.double(), bias.double()))
+    row["fp16_in_fp32_out_max_abs_err"] = float(
+        (torch.tanh(torch.addmm(bias, x.half(), weight16.t(), out_dtype=torch.float32)) - exact).abs().max()
+    )
+    row["fp32_max_abs_err"] = float((torch.tanh(F.linear(x, weight, bias)) - exact).abs().max())
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--pooler", action="store_true", help="time the fp32 pooler's spellings instead")
     parser.add_argument("--out-dir", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
     results = []
     with torch.inference_mode():
-        for name, (k, n) in SHAPES.items():
+        for rows in args.rows if args.pooler else ():
+            results.append(pooler_rows(rows))
+            print(" ".join(f"{key}={value:.3g}" for key, value in results[-1].items()), flush=True)
+        for name, (k, n) in () if args.pooler else SHAPES.items():
             weight = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
             bias = torch.randn(n, device="cuda", dtype=torch.float16) * 0.02
             ideal_us = weight.numel() * 2 / 3.35e12 * 1e6  # reading the weights at H100 HBM3 bandwidth
@@ -82,7 +117,7 @@ def main() -> None:
         card = torch.cuda.get_device_name().replace(" ", "-")
         record = {"benchmark": "small_gemm_probe", "card": torch.cuda.get_device_name(), "torch": torch.__version__,
                   "commit": git_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds"), "results": results}
-        (args.out_dir / f"small_gemm_probe-{card}-{datetime.now(UTC):%Y%m%d-%H%M%S}.json").write_text(json.dumps(record, indent=1))
+        (args.out_dir / f"small_gemm_probe{'-pooler' if args.pooler else ''}-{card}-{datetime.now(UTC):%Y%m%d-%H%M%S}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

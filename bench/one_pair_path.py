@@ -1,0 +1,169 @@
+"""Where one pair's time goes at low load: the served path's layers, each timed on its own.
+
+One request at a time (the next sent when the last is answered), the same pair, each stage p50 and p90:
+  engine         `Engine.score([pair])` in this thread: tokenize, replay, read back (perf.py's "single")
+  encoder_hop    the tokenizer thread (`Encoder`), then `score_encoded` here
+  batcher_hop    tokenize here, then `Batcher.submit`: the runner thread runs the forward
+  scorer         `Scorer.similarity`: the tokenizer thread and the batcher, as a request uses them
+  http_*         `structsim serve` in a child process: /healthz and /v1/similarity, from a stdlib
+                 http.client keep-alive connection and from aiohttp (http_bench's client)
+The differences between the stages price each hop. Not a benchmark of record: a map for the next change.
+
+GPU:  python3 bench/one_pair_path.py --out-dir $OUT
+CPU:  python3 bench/one_pair_path.py --device cpu --size tiny --requests 200   (checks the script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "service")]
+
+import aiohttp  # noqa: E402
+import http_bench  # noqa: E402
+from provenance import git_commit  # noqa: E402
+from similarity_service.batching import Batcher  # noqa: E402
+from similarity_service.checkpoint import make_checkpoint  # noqa: E402
+from similarity_service.encoding import Encoder  # noqa: E402
+from similarity_service.runner import Engine  # noqa: E402
+from similarity_service.scoring import Scorer  # noqa: E402
+from similarity_service.settings import Settings  # noqa: E402
+
+PAIR = ("今天天气怎么样", "今天天气如何")
+BODY = json.dumps({"sentence1": PAIR[0], "sentence2": PAIR[1]}, ensure_ascii=False).encode()
+WARMUP = 100
+
+
+def summary(times_ms: list[float]) -> dict[str, float]:
+    kept = sorted(times_ms[WARMUP:])
+    return {"p50_ms": statistics.median(kept), "p90_ms": kept[int(0.9 * len(kept))], "requests": len(kept)}
+
+
+def timed_sync(call: Callable[[], object], count: int) -> dict[str, float]:
+    times = []
+    for _ in range(count + WARMUP):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return summary(times)
+
+
+async def timed_async(call: Callable[[], Awaitable[object]], count: int) -> dict[str, float]:
+    times = []
+    for _ in range(count + WARMUP):
+        start = time.perf_counter()
+        await call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return summary(times)
+
+
+async def in_process(engine: Engine, count: int) -> dict[str, dict[str, float]]:
+    settings = Settings()
+    batcher = Batcher(
+        engine, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+        max_batch_tokens=settings.max_batch_tokens, max_queue_pairs=settings.max_queue_pairs,
+    )
+    encoder = Encoder(engine.encode)
+    await encoder.start()
+    await batcher.start()
+    scorer = Scorer(engine, encoder, batcher, settings)
+
+    async def encoder_hop() -> None:
+        engine.score_encoded(await encoder.encode([PAIR]))
+
+    stages = {
+        "engine": timed_sync(lambda: engine.score([PAIR]), count),
+        "encoder_hop": await timed_async(encoder_hop, count),
+        "batcher_hop": await timed_async(lambda: batcher.submit(engine.encode([PAIR])), count),
+        "scorer": await timed_async(lambda: scorer.similarity(*PAIR), count),
+    }
+    await batcher.drain()
+    await batcher.close()
+    await encoder.close()
+    return stages
+
+
+def over_http(url: str, count: int) -> dict[str, dict[str, float]]:
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port))
+    headers = {"content-type": "application/json"}
+
+    def get(path: str, body: bytes | None = None) -> None:
+        connection.request("POST" if body else "GET", path, body=body, headers=headers if body else {})
+        answer = connection.getresponse()
+        answer.read()
+        assert answer.status == 200, answer.status
+
+    stages = {
+        "http_stdlib_healthz": timed_sync(lambda: get("/healthz"), count),
+        "http_stdlib_similarity": timed_sync(lambda: get("/v1/similarity", BODY), count),
+    }
+    connection.close()
+
+    async def with_aiohttp() -> None:
+        async with aiohttp.ClientSession() as session:
+
+            async def healthz() -> None:
+                async with session.get(f"{url}/healthz") as answer:
+                    await answer.read()
+
+            async def similarity() -> None:
+                async with session.post(f"{url}/v1/similarity", data=BODY, headers=headers) as answer:
+                    await answer.read()
+
+            stages["http_aiohttp_healthz"] = await timed_async(healthz, count)
+            stages["http_aiohttp_similarity"] = await timed_async(similarity, count)
+
+    asyncio.run(with_aiohttp())
+    return stages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", choices=("tiny", "base"), default="base")
+    parser.add_argument("--requests", type=int, default=2_000)
+    parser.add_argument("--out-dir", type=Path)
+    args = parser.parse_args()
+    sys.setswitchinterval(0.0005)  # serve's
+    precision = "fp16" if args.device == "cuda" else "fp32"
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = make_checkpoint(Path(scratch) / f"structbert-{args.size}", args.size, seed=0)
+        engine = Engine.load(model_dir, device=args.device, precision=precision)
+        engine.warmup()
+        card = engine.info.device_name
+        stages = asyncio.run(in_process(engine, args.requests))
+        del engine
+        server = http_bench.Server(model_dir, args.device, precision, [], Path(scratch) / "serve.log")
+        try:
+            server.wait_ready(600)
+            stages |= over_http(server.url, args.requests)
+        finally:
+            server.stop()
+    for name, stage in stages.items():
+        print(f"{name:24s} p50 {stage['p50_ms']:.3f} ms  p90 {stage['p90_ms']:.3f} ms", flush=True)
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "benchmark": "one_pair_path", "card": card, "commit": git_commit(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": args.device, "precision": precision,
+            "model": f"synthetic StructBERT-{args.size} (seed 0; not semantic)", "stages": stages,
+        }
+        path = args.out_dir / f"one_pair_path-{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-')}-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
+        path.write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
