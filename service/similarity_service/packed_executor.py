@@ -15,8 +15,12 @@ output go through persistent pinned buffers, and both copies are captured in the
 replay and one synchronize, the runner thread's only two releases of the GIL (each release costs it up to
 the switch interval to win the GIL back while the event loop runs Python: bench/gil_reacquire_probe.py). Token
 buckets double up to 2,048 tokens (where launches, not matmuls, set the time) and grow by at most 1.5x
-above, so there padding costs at most a third of a bucket's matmul work; past the largest bucket a
-forward's device time dwarfs its launch cost and it runs op by op.
+above, so there padding costs at most a third of a bucket's matmul work. A call past the largest
+bucket replays graphs on graph-sized chunks of it (each chunk packed while the previous one runs): op by
+op, its forwards need ~3.5 ms of launches with the GIL each, and beside a thread that runs Python (the
+serving event loop) a 512-pair, 28k-token call took 113 ms instead of 16 on an H200, chunked 23 ms
+(bench/graph_chunks_probe.py). With nothing else wanting the GIL, op by op in forwards of up to
+`max_tokens` is faster (x1.02-1.19 there); bulk calls ask for that.
 """
 
 from __future__ import annotations
@@ -72,6 +76,15 @@ def graph_bucket(tokens: int, sequences: int, max_seq_len: int) -> GraphBucket |
                 return GraphBucket(token_bucket, seq_bucket, padding)
         return None
     return None
+
+
+def graph_chunks(cu: np.ndarray, max_seq_len: int, max_tokens: int, max_pairs: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) ranges of the sequences of `cu` that each fit a graph bucket, within
+    `max_tokens` real tokens and `max_pairs` sequences."""
+    largest, most = GRAPH_TOKEN_BUCKETS[-1], GRAPH_SEQUENCE_BUCKETS[-1]
+    # the worst case of a chunk in the largest bucket: most - 1 dummy slots, and the padding sequences
+    room = largest - _padding_sequences(largest, max_seq_len) - (most - 1)
+    return split_by_tokens(cu, min(max_tokens, room), min(max_pairs, most))
 
 
 def reachable_buckets(max_seq_len: int) -> list[GraphBucket]:
@@ -174,18 +187,23 @@ class PackedExecutor:
         self._pool = torch.cuda.graph_pool_handle() if cuda else None
 
     def run(
-        self, items: Sequence[EncodedPair], *, max_tokens: int, max_pairs: int, use_graphs: bool = True
+        self,
+        items: Sequence[EncodedPair],
+        *,
+        max_tokens: int,
+        max_pairs: int,
+        use_graphs: bool = True,
+        bulk: bool = False,
     ) -> list[float]:
-        """P(similar) for each pair, in order. Raises torch.cuda.OutOfMemoryError as it comes (the engine
-        retries with a smaller `max_tokens`)."""
+        """P(similar) for each pair, in order. With `bulk`, a call past the largest graph runs op by op.
+        Raises torch.cuda.OutOfMemoryError as it comes (the engine retries with a smaller `max_tokens`)."""
         if not items:
             return []
-        tokens = sum(len(item.input_ids) for item in items)
-        graphs = use_graphs and self._pool is not None and len(items) <= max_pairs and tokens <= max_tokens
-        bucket = graph_bucket(tokens, len(items), self._max_seq_len) if graphs else None
         with torch.inference_mode():
-            if bucket is not None:
-                return self._replay(*pack(items), bucket)
+            if use_graphs and self._pool is not None:
+                ranges = self._graph_ranges(items, max_tokens, max_pairs)
+                if len(ranges) == 1 or not bulk:
+                    return self._replay_chunks(items, ranges)
             # Length-sorted sub-batches: each forward's longest pair sets its attention grid (max_len).
             order = sorted(range(len(items)), key=lambda index: len(items[index].input_ids))
             sorted_scores = self._run_eager([items[index] for index in order], max_tokens, max_pairs)
@@ -266,10 +284,32 @@ class PackedExecutor:
         for bucket in self._buckets:
             self.capture(bucket)
 
-    def _replay(self, block: np.ndarray, cu: np.ndarray, bucket: GraphBucket) -> list[float]:
+    def _graph_ranges(self, items: Sequence[EncodedPair], max_tokens: int, max_pairs: int) -> list[tuple[int, int]]:
+        if len(items) == 1:  # the common single pair: no chunking arithmetic
+            return [(0, 1)]
+        lengths = np.fromiter((len(item.input_ids) for item in items), dtype=np.int64, count=len(items))
+        return graph_chunks(np.concatenate(([0], np.cumsum(lengths))), self._max_seq_len, max_tokens, max_pairs)
+
+    def _replay_chunks(self, items: Sequence[EncodedPair], ranges: list[tuple[int, int]]) -> list[float]:
+        """Replays graphs on the consecutive `ranges` of `items` (one, most calls). The next chunk is packed
+        while the device runs this one; the host buffers are shared, so each replay is collected before
+        the next is launched."""
+        scores: list[float] = []
+        in_flight = 0  # sequences of the replay running on the device
+        for start, end in ranges:
+            block, cu = pack(items[start:end])
+            bucket = graph_bucket(block.shape[1], end - start, self._max_seq_len)
+            assert bucket is not None, "graph_chunks cut a chunk no bucket holds"
+            if in_flight:
+                scores += self._collect(in_flight)
+            self._launch(block, cu, bucket)
+            in_flight = end - start
+        return scores + self._collect(in_flight)
+
+    def _launch(self, block: np.ndarray, cu: np.ndarray, bucket: GraphBucket) -> None:
         if bucket not in self._graphs:
             self.capture(bucket)
-        tokens, sequences = block.shape[1], len(cu) - 1
+        tokens = block.shape[1]
         size = 3 * bucket.tokens
         host = self._host_in.numpy()
         rows = host[:size].reshape(3, bucket.tokens)
@@ -278,5 +318,7 @@ class PackedExecutor:
         host[size : size + bucket.slots + 1] = graph_offsets(cu, bucket, self._max_seq_len)
         # the graph copies the host buffer in and the scores out itself
         self._graphs[bucket].replay()
+
+    def _collect(self, sequences: int) -> list[float]:
         torch.cuda.current_stream(self._device).synchronize()
         return self._host_out[:sequences].tolist()

@@ -16,6 +16,7 @@ from similarity_service.packed_executor import (
     GRAPH_SEQUENCE_BUCKETS,
     GRAPH_TOKEN_BUCKETS,
     graph_bucket,
+    graph_chunks,
     graph_offsets,
     pack,
     reachable_buckets,
@@ -60,6 +61,27 @@ def test_graph_bucket_holds_the_batch_and_its_dummy_and_padding_sequences(tokens
 @pytest.mark.parametrize(("tokens", "sequences"), [(GRAPH_TOKEN_BUCKETS[-1], 1), (100, GRAPH_SEQUENCE_BUCKETS[-1] + 1)])
 def test_graph_bucket_is_none_past_the_largest(tokens: int, sequences: int) -> None:
     assert graph_bucket(tokens, sequences, 512) is None
+
+
+@pytest.mark.parametrize("max_seq_len", [32, 128, 512])
+@pytest.mark.parametrize(("max_tokens", "max_pairs"), [(65_536, 4_096), (65_536, 300), (5_000, 4_096)])
+def test_graph_chunks_cover_a_large_call_in_order_each_in_a_bucket(max_seq_len: int, max_tokens: int, max_pairs: int) -> None:
+    """A call past the largest graph is cut into chunks that each replay a graph: none left to run op by op."""
+    rng = np.random.default_rng(max_seq_len)
+    for count, short in ((3_000, False), (1_500, True)):  # long pairs fill the tokens first, short ones the slots
+        lengths = rng.integers(3, 12 if short else max_seq_len + 1, size=count)
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        ranges = graph_chunks(cu, max_seq_len, max_tokens, max_pairs)
+        assert [i for start, end in ranges for i in range(start, end)] == list(range(count))
+        assert len(ranges) > 1
+        for start, end in ranges:
+            tokens = int(cu[end] - cu[start])
+            assert end - start <= max_pairs and tokens <= max_tokens
+            assert graph_bucket(tokens, end - start, max_seq_len) in reachable_buckets(max_seq_len)
+        # full chunks: none of them (but the last) is less than half as long as the budget lets it be
+        budget = min(max_tokens, GRAPH_TOKEN_BUCKETS[-1])
+        for start, end in ranges[:-1]:
+            assert end - start == min(max_pairs, GRAPH_SEQUENCE_BUCKETS[-1]) or cu[end] - cu[start] > budget // 2
 
 
 @pytest.mark.parametrize("max_seq_len", [64, 512])
