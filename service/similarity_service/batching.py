@@ -295,6 +295,11 @@ class Batcher:
         )
 
     @property
+    def idle(self) -> bool:
+        """Nothing queued, formed or running. Read without the lock: a hint for callers, not a promise."""
+        return not self._queued_pairs and self._slot is None and not any(replica.taken for replica in self._replicas)
+
+    @property
     def replicas(self) -> list[ReplicaStats]:
         """Per-replica counters, in replica order."""
         return [replica.stats(self._failures_before_unhealthy) for replica in self._replicas]
