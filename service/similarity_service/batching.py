@@ -296,8 +296,14 @@ class Batcher:
 
     @property
     def idle(self) -> bool:
-        """Nothing queued, formed or running. Read without the lock: a hint for callers, not a promise."""
-        return not self._queued_pairs and self._slot is None and not any(replica.taken for replica in self._replicas)
+        """Nothing queued, formed or running, and at most one caller admitted and preparing (the one asking).
+        Read without the lock: a hint for callers, not a promise."""
+        return (
+            self._preparing <= 1
+            and not self._queued_pairs
+            and self._slot is None
+            and not any(replica.taken for replica in self._replicas)
+        )
 
     @property
     def replicas(self) -> list[ReplicaStats]:

@@ -22,9 +22,13 @@ class ThreadRecordingEngine(FakeEngine):
     def __init__(self) -> None:
         super().__init__()
         self.encoded_on: list[str] = []
+        self.large_gate = threading.Event()  # holds the tokenizing of requests of more than 4 pairs
+        self.large_gate.set()
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
         self.encoded_on.append(threading.current_thread().name)
+        if len(pairs) > SHARED_ENCODE_MAX_PAIRS:
+            self.large_gate.wait(timeout=10)
         return super().encode(pairs)
 
 
@@ -42,6 +46,7 @@ async def scorer(engine: ThreadRecordingEngine) -> AsyncIterator[Scorer]:
     await encoder.start()
     yield Scorer(engine, encoder, batcher, settings)
     engine.gate.set()
+    engine.large_gate.set()
     await batcher.close()
     await encoder.close()
 
@@ -69,6 +74,23 @@ async def test_while_a_pass_runs_small_requests_go_to_the_tokenizer_thread(
     assert await first == 0.0002
     assert await second == [0.0004] * SHARED_ENCODE_MAX_PAIRS
     assert engine.encoded_on == [threading.current_thread().name, "structsim-tokenizer"]
+
+
+async def test_while_another_request_tokenizes_small_ones_go_to_the_tokenizer_thread(
+    scorer: Scorer, engine: ThreadRecordingEngine
+) -> None:
+    """The batcher is idle, but the service is not: another caller was admitted and is preparing."""
+    engine.large_gate.clear()
+    large = asyncio.create_task(scorer.batch([("a", "b")] * (SHARED_ENCODE_MAX_PAIRS + 1)))
+    while not engine.encoded_on:
+        await asyncio.sleep(0.001)
+    small = asyncio.create_task(scorer.similarity("ab", "c"))
+    while len(engine.encoded_on) < 2:
+        await asyncio.sleep(0.001)
+    engine.large_gate.set()
+    assert await small == 0.0003
+    assert await large == [0.0002] * (SHARED_ENCODE_MAX_PAIRS + 1)
+    assert engine.encoded_on[1] == "structsim-tokenizer"
 
 
 async def test_a_large_request_is_tokenized_in_a_thread_of_its_own(
