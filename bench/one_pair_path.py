@@ -135,6 +135,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", choices=("tiny", "base"), default="base")
     parser.add_argument("--requests", type=int, default=2_000)
+    parser.add_argument("--loops", nargs="+", choices=("asyncio", "uvloop"), default=["asyncio"],
+                        help="event loops to run the in-process stages on (uvicorn picks uvloop where installed)")
+    parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--out-dir", type=Path)
     args = parser.parse_args()
     sys.setswitchinterval(0.0005)  # serve's
@@ -144,14 +147,21 @@ def main() -> None:
         engine = Engine.load(model_dir, device=args.device, precision=precision)
         engine.warmup()
         card = engine.info.device_name
-        stages = asyncio.run(in_process(engine, args.requests))
+        stages = {}
+        for loop in args.loops:
+            factory = __import__("uvloop").new_event_loop if loop == "uvloop" else None
+            prefix = "" if loop == "asyncio" else "uvloop_"
+            with asyncio.Runner(loop_factory=factory) as runner:
+                ran = runner.run(in_process(engine, args.requests))
+            stages |= {prefix + name: stage for name, stage in ran.items()}
         del engine
-        server = http_bench.Server(model_dir, args.device, precision, [], Path(scratch) / "serve.log")
-        try:
-            server.wait_ready(600)
-            stages |= over_http(server.url, args.requests)
-        finally:
-            server.stop()
+        if not args.skip_http:
+            server = http_bench.Server(model_dir, args.device, precision, [], Path(scratch) / "serve.log")
+            try:
+                server.wait_ready(600)
+                stages |= over_http(server.url, args.requests)
+            finally:
+                server.stop()
     for name, stage in stages.items():
         print(f"{name:24s} p50 {stage['p50_ms']:.3f} ms  p90 {stage['p90_ms']:.3f} ms", flush=True)
     if args.out_dir:
