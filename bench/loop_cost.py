@@ -5,6 +5,9 @@ httptools, no access log), serve's GIL switch interval, settled heap and drainin
 tokenizes for real (the service's `PairTokenizer` on a CJK vocabulary written on the spot) and scores
 at once without holding the GIL, so what is measured is the loop's own work per request: HTTP parsing,
 Litestar's routing and handler call, strict decoding, tokenizing, the batcher, metrics and the answer.
+`--engine-gil-us`/`--engine-device-us` make each pass GPU-shaped instead (Python with the GIL held, then a
+wait without it), and `--switch-interval-ms` sets the server's GIL switch interval: how the runner and
+the loop share the GIL as they do beside a GPU, on any CPU (`pairs_per_pass` says how well batches form).
 
 The loop thread reads its own CPU time (`time.thread_time`) when the parent asks over a pipe (a reader
 on the loop), at the start and end of each run; its difference over the requests answered is the
@@ -67,9 +70,14 @@ PROFILE_TOP = 60
 
 
 class InstantEngine:
-    """A ScoringEngine that tokenizes with the service's real tokenizer and scores at once (GIL not held)."""
+    """A ScoringEngine that tokenizes with the service's real tokenizer and scores at once (GIL not held).
 
-    def __init__(self, vocab_dir: str, max_seq_len: int) -> None:
+    With `gil_us`/`device_us` a pass is GPU-shaped instead: `gil_us` of Python with the GIL held (packing,
+    the replay call, reading the scores), then `device_us` of waiting with it released (the replay and the
+    synchronize), whatever the batch's size, as a CUDA graph's pass of a few short pairs.
+    """
+
+    def __init__(self, vocab_dir: str, max_seq_len: int, gil_us: float = 0.0, device_us: float = 0.0) -> None:
         from similarity_service.engine_api import EngineInfo
         from similarity_service.tokenization import PARALLEL_ENCODE_MIN_PAIRS, PairTokenizer
 
@@ -77,8 +85,11 @@ class InstantEngine:
         self.encode_cpu_s = 0.0  # CPU time spent tokenizing, in whichever thread called `encode`
         self.encode_calls = 0
         self.encoded_pairs = 0
+        self.passes = 0  # forward passes (`score_encoded` calls)
+        self.scored_pairs = 0
         self.pairs_in_gil_free_calls = 0
         self._gil_free_min_pairs = PARALLEL_ENCODE_MIN_PAIRS  # calls this large release the GIL
+        self._gil_s, self._device_s = gil_us / 1e6, device_us / 1e6
         self.info = EngineInfo(
             model_id="instant", revision=None, model_dir=vocab_dir, fingerprint="instant", precision="fp32",
             device="cpu", device_name="instant", compute_capability=None, max_seq_len=max_seq_len,
@@ -95,6 +106,14 @@ class InstantEngine:
         return encoded
 
     def score_encoded(self, batch: Sequence[Any]) -> list[float]:
+        self.passes += 1
+        self.scored_pairs += len(batch)
+        if self._gil_s:
+            held_until = time.perf_counter() + self._gil_s
+            while time.perf_counter() < held_until:  # Python all along: the GIL stays with this thread
+                pass
+        if self._device_s:
+            time.sleep(self._device_s)
         return [0.5] * len(batch)
 
     def warmup(self) -> None:
@@ -118,6 +137,7 @@ class Control:
             answer = {"thread_s": time.thread_time(), "process_s": time.process_time(),
                       "encode_s": self._engine.encode_cpu_s, "encode_calls": self._engine.encode_calls,
                       "encoded_pairs": self._engine.encoded_pairs,
+                      "passes": self._engine.passes, "scored_pairs": self._engine.scored_pairs,
                       "pairs_in_gil_free_calls": self._engine.pairs_in_gil_free_calls, "module": sys.modules["similarity_service"].__file__,
                       "gc_collections": [s["collections"] for s in gc.get_stats()]}
         elif command[0] == "profile-on":
@@ -166,10 +186,10 @@ def serve_main(spec: dict[str, Any]) -> None:
     from similarity_service.server import DrainingServer
     from similarity_service.settings import load_settings
 
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    sys.setswitchinterval(spec["switch_interval_ms"] / 1000 if spec["switch_interval_ms"] else GIL_SWITCH_INTERVAL_S)
     settings = load_settings({"model": "instant", "host": "127.0.0.1", "port": spec["port"], "log_level": "warning",
                               "max_batch_size": spec["max_batch_size"], "max_wait_ms": 0.0}, {})
-    engine = InstantEngine(spec["vocab_dir"], spec["max_seq_len"])
+    engine = InstantEngine(spec["vocab_dir"], spec["max_seq_len"], spec["engine_gil_us"], spec["engine_device_us"])
     app = create_app(settings, engine_factory=lambda _: engine, on_ready=settle_heap)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.log_level == "debug", lifespan="on",
@@ -329,6 +349,7 @@ async def measure(server: Server, kind: str, load: float, seconds: float, pairs:
            "process_cpu_us_per_request": delta("process_s") / answered * 1e6,
            "encode_cpu_us_per_request": delta("encode_s") / answered * 1e6,
            "pairs_per_encode_call": delta("encoded_pairs") / max(1, delta("encode_calls")),
+           "pairs_per_pass": delta("scored_pairs") / max(1, delta("passes")),
            "gil_free_encode_share": delta("pairs_in_gil_free_calls") / max(1, delta("encoded_pairs")),
            "loop_busy_share": delta("thread_s") / row["elapsed_s"],
            "gc_collections": [a - b for a, b in zip(after["gc_collections"], before["gc_collections"], strict=True)]}
@@ -396,12 +417,12 @@ def paired_ratios(new: list[list[dict[str, Any]]], old: list[list[dict[str, Any]
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["run           req/s   p50 ms   p99 ms   loop CPU µs/req   tokenizing   process CPU µs/req   loop busy"
-             "   pairs/tokenizer call"]
+             "   pairs/tokenizer call   pairs/pass"]
     for r in rows:
         lines.append(f"{r['kind']:6} {r['load']:>6g} {r['throughput_rps']:7.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
                      f"{r['loop_cpu_us_per_request']:17.1f} {r['encode_cpu_us_per_request']:12.1f} "
                      f"{r['process_cpu_us_per_request']:20.1f} "
-                     f"{r['loop_busy_share']:11.2f} {r['pairs_per_encode_call']:22.1f}")
+                     f"{r['loop_busy_share']:11.2f} {r['pairs_per_encode_call']:22.1f} {r.get('pairs_per_pass', 0):12.1f}")
     return "\n".join(lines)
 
 
@@ -423,6 +444,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="fresh servers per tree, interleaved A B B A")
     parser.add_argument("--max-batch-size", type=int, default=128)
     parser.add_argument("--max-seq-len", type=int, default=128)
+    parser.add_argument("--engine-gil-us", type=float, default=0.0,
+                        help="a GPU-shaped pass: this long with the GIL held (default 0: instant)")
+    parser.add_argument("--engine-device-us", type=float, default=0.0,
+                        help="a GPU-shaped pass: then this long waiting with the GIL released")
+    parser.add_argument("--switch-interval-ms", type=float, help="the server's GIL switch interval (default serve's)")
     parser.add_argument("--compare", metavar="REV", help="also measure git revision REV's service code")
     parser.add_argument("--profile", action="store_true", help="cProfile the loop thread in one more first run per tree")
     parser.add_argument("--pin", action="store_true", help="server on the last CPU, the client on the others")
@@ -441,7 +467,8 @@ def main() -> None:
     runs = [("closed", float(c)) for c in args.connections] + [("open", r) for r in args.rates]
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"vocab_dir": write_vocab(Path(tmp)), "max_batch_size": args.max_batch_size,
-                "max_seq_len": args.max_seq_len, "server_cpus": None}
+                "max_seq_len": args.max_seq_len, "server_cpus": None, "engine_gil_us": args.engine_gil_us,
+                "engine_device_us": args.engine_device_us, "switch_interval_ms": args.switch_interval_ms}
         if args.pin:  # the server on the last CPU, this process (the client) on the others
             cpus = sorted(os.sched_getaffinity(0))
             spec["server_cpus"] = cpus[-1:]
