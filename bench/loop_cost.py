@@ -8,6 +8,8 @@ Litestar's routing and handler call, strict decoding, tokenizing, the batcher, m
 `--engine-gil-us`/`--engine-device-us` make each pass GPU-shaped instead (Python with the GIL held, then a
 wait without it), and `--switch-interval-ms` sets the server's GIL switch interval: how the runner and
 the loop share the GIL as they do beside a GPU, on any CPU (`pairs_per_pass` says how well batches form).
+`--model-dir DIR --device cuda` serves a real checkpoint with the real engine (tokenizer and all), for
+the same figures with a GPU behind the loop.
 
 The loop thread reads its own CPU time (`time.thread_time`) when the parent asks over a pipe (a reader
 on the loop), at the start and end of each run; its difference over the requests answered is the
@@ -77,11 +79,13 @@ class InstantEngine:
     synchronize), whatever the batch's size, as a CUDA graph's pass of a few short pairs.
     """
 
-    def __init__(self, vocab_dir: str, max_seq_len: int, gil_us: float = 0.0, device_us: float = 0.0) -> None:
+    def __init__(self, vocab_dir: str, max_seq_len: int, gil_us: float = 0.0, device_us: float = 0.0,
+                 real: Any = None) -> None:
         from similarity_service.engine_api import EngineInfo
         from similarity_service.tokenization import PARALLEL_ENCODE_MIN_PAIRS, PairTokenizer
 
-        self._tokenizer = PairTokenizer(vocab_dir, max_seq_len=max_seq_len)
+        self._real = real  # a loaded Engine: it tokenizes and scores instead (`--model-dir`)
+        self._tokenizer = real if real is not None else PairTokenizer(vocab_dir, max_seq_len=max_seq_len)
         self.encode_cpu_s = 0.0  # CPU time spent tokenizing, in whichever thread called `encode`
         self.encode_calls = 0
         self.encoded_pairs = 0
@@ -93,7 +97,7 @@ class InstantEngine:
         self.info = EngineInfo(
             model_id="instant", revision=None, model_dir=vocab_dir, fingerprint="instant", precision="fp32",
             device="cpu", device_name="instant", compute_capability=None, max_seq_len=max_seq_len,
-        )
+        ) if real is None else real.info
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[Any]:
         started = time.thread_time()
@@ -108,6 +112,8 @@ class InstantEngine:
     def score_encoded(self, batch: Sequence[Any]) -> list[float]:
         self.passes += 1
         self.scored_pairs += len(batch)
+        if self._real is not None:
+            return self._real.score_encoded(batch)  # type: ignore[no-any-return]
         if self._gil_s:
             held_until = time.perf_counter() + self._gil_s
             while time.perf_counter() < held_until:  # Python all along: the GIL stays with this thread
@@ -189,7 +195,12 @@ def serve_main(spec: dict[str, Any]) -> None:
     sys.setswitchinterval(spec["switch_interval_ms"] / 1000 if spec["switch_interval_ms"] else GIL_SWITCH_INTERVAL_S)
     settings = load_settings({"model": "instant", "host": "127.0.0.1", "port": spec["port"], "log_level": "warning",
                               "max_batch_size": spec["max_batch_size"], "max_wait_ms": 0.0}, {})
-    engine = InstantEngine(spec["vocab_dir"], spec["max_seq_len"], spec["engine_gil_us"], spec["engine_device_us"])
+    real = None
+    if spec["model_dir"]:
+        from similarity_service.lifespan import load_engine
+
+        real = load_engine(load_settings({"model": spec["model_dir"], "device": spec["device"]}, {}))  # serve's defaults
+    engine = InstantEngine(spec["vocab_dir"], spec["max_seq_len"], spec["engine_gil_us"], spec["engine_device_us"], real)
     app = create_app(settings, engine_factory=lambda _: engine, on_ready=settle_heap)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.log_level == "debug", lifespan="on",
@@ -369,7 +380,8 @@ def run_tree(pythonpath: str, spec: dict[str, Any], runs: list[tuple[str, float]
         pairs = loadgen.corpus_pairs()
         requests = request_bytes(pairs, server.port)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(loadgen.wait_until_ready(server.url, 60, alive=lambda: server.process.poll() is None))
+            ready_s = 600 if spec["model_dir"] else 60  # a real engine compiles and captures its graphs first
+            runner.run(loadgen.wait_until_ready(server.url, ready_s, alive=lambda: server.process.poll() is None))
             runner.run(closed_loop(server.port, requests, 16, 1.0))  # warm: first calls, caches, branches
             rows = [runner.run(measure(server, kind, load, seconds, pairs, requests)) for kind, load in runs]
             if profile:
@@ -449,6 +461,8 @@ def main() -> None:
     parser.add_argument("--engine-device-us", type=float, default=0.0,
                         help="a GPU-shaped pass: then this long waiting with the GIL released")
     parser.add_argument("--switch-interval-ms", type=float, help="the server's GIL switch interval (default serve's)")
+    parser.add_argument("--model-dir", help="serve this checkpoint with the real engine instead (tokenizer included)")
+    parser.add_argument("--device", default="cpu", help="the real engine's device (with --model-dir)")
     parser.add_argument("--compare", metavar="REV", help="also measure git revision REV's service code")
     parser.add_argument("--profile", action="store_true", help="cProfile the loop thread in one more first run per tree")
     parser.add_argument("--pin", action="store_true", help="server on the last CPU, the client on the others")
@@ -468,7 +482,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"vocab_dir": write_vocab(Path(tmp)), "max_batch_size": args.max_batch_size,
                 "max_seq_len": args.max_seq_len, "server_cpus": None, "engine_gil_us": args.engine_gil_us,
-                "engine_device_us": args.engine_device_us, "switch_interval_ms": args.switch_interval_ms}
+                "engine_device_us": args.engine_device_us, "switch_interval_ms": args.switch_interval_ms,
+                "model_dir": args.model_dir, "device": args.device}
         if args.pin:  # the server on the last CPU, this process (the client) on the others
             cpus = sorted(os.sched_getaffinity(0))
             spec["server_cpus"] = cpus[-1:]
