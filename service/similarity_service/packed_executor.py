@@ -140,7 +140,7 @@ def split_by_tokens(cu: np.ndarray, max_tokens: int, max_pairs: int) -> list[tup
     ranges, start, count = [], 0, len(cu) - 1
     while start < count:
         # the furthest end whose tokens fit, at least one sequence, at most max_pairs
-        end = int(np.searchsorted(cu, cu[start] + max_tokens, side="right")) - 1
+        end = int(np.searchsorted(cu, int(cu[start]) + max_tokens, side="right")) - 1
         end = min(max(end, start + 1), start + max_pairs, count)
         ranges.append((start, end))
         start = end

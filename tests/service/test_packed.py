@@ -35,7 +35,9 @@ def test_pack_concatenates_pairs_with_offsets_and_positions() -> None:
     assert block.dtype == np.int32 and cu.dtype == np.int32
 
 
-@pytest.mark.parametrize(("max_tokens", "max_pairs"), [(10, 100), (7, 100), (1, 100), (100, 2), (1000, 1000)])
+@pytest.mark.parametrize(
+    ("max_tokens", "max_pairs"), [(10, 100), (7, 100), (1, 100), (100, 2), (1000, 1000), (10**10, 1000)]
+)
 def test_split_by_tokens_covers_every_sequence_once_within_budgets(max_tokens: int, max_pairs: int) -> None:
     lengths = [3, 4, 8, 2, 2, 2, 9, 1]
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
