@@ -298,12 +298,10 @@ class Batcher:
     def idle(self) -> bool:
         """Nothing queued, formed or running, and at most one caller admitted and preparing (the one asking).
         Read without the lock: a hint for callers, not a promise."""
-        return (
-            self._preparing <= 1
-            and not self._queued_pairs
-            and self._slot is None
-            and not any(replica.taken for replica in self._replicas)
-        )
+        return self._preparing <= 1 and not self._queued_pairs and self._none_formed_or_running()
+
+    def _none_formed_or_running(self) -> bool:
+        return self._slot is None and not any(replica.taken for replica in self._replicas)
 
     @property
     def replicas(self) -> list[ReplicaStats]:
@@ -591,6 +589,6 @@ class Batcher:
         if self._drained is None or self._preparing or self._first_live_request() is not None:
             return
         with self._changed:
-            idle = self._slot is None and not any(replica.taken for replica in self._replicas)
+            idle = self._none_formed_or_running()
         if idle:
             self._drained.set()

@@ -58,6 +58,11 @@ class GraphBucket(NamedTuple):
         """Sequences the graph runs: real slots, then padding sequences."""
         return self.sequences + self.padding
 
+    @property
+    def input_size(self) -> int:
+        """int32 words of the graph's input: ids, types and positions of every token, then cu_seqlens."""
+        return 3 * self.tokens + self.slots + 1
+
 
 def _padding_sequences(token_bucket: int, max_seq_len: int) -> int:
     # enough sequences of at most max_seq_len tokens to hold a whole bucket
@@ -121,11 +126,17 @@ def graph_offsets(cu: np.ndarray, bucket: GraphBucket, max_seq_len: int) -> np.n
     return out
 
 
-def pack(items: Sequence[EncodedPair]) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, types, positions) as one [3, T] int32 array, and cu_seqlens [N + 1] int32."""
+def lengths_and_offsets(items: Sequence[EncodedPair]) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair's token count [N] and the cumulative offsets cu_seqlens [N + 1], both int32."""
     lengths = np.fromiter((len(item.input_ids) for item in items), dtype=np.int32, count=len(items))
     cu = np.zeros(len(items) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
+    return lengths, cu
+
+
+def pack(items: Sequence[EncodedPair]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, types, positions) as one [3, T] int32 array, and cu_seqlens [N + 1] int32."""
+    lengths, cu = lengths_and_offsets(items)
     total = int(cu[-1])
     block = np.empty((3, total), dtype=np.int32)
     block[0] = np.fromiter(itertools.chain.from_iterable(item.input_ids for item in items), np.int32, total)
@@ -234,8 +245,7 @@ class PackedExecutor:
     def _run_eager(self, items: Sequence[EncodedPair], max_tokens: int, max_pairs: int) -> list[float]:
         """Forwards launched back to back, one read-back at the end. Each sub-batch is packed and copied
         just before its launch, so the host packs the next one while the device runs this one."""
-        lengths = np.fromiter((len(item.input_ids) for item in items), dtype=np.int64, count=len(items))
-        cu = np.concatenate(([0], np.cumsum(lengths)))
+        lengths, cu = lengths_and_offsets(items)
         outputs = []
         for start, end in split_by_tokens(cu, max_tokens, max_pairs):
             block, offsets = pack(items[start:end])
@@ -258,8 +268,7 @@ class PackedExecutor:
         """Capture the graph of one bucket (warm-up runs first, on a side stream, as CUDA graphs require)."""
         if bucket in self._graphs:
             return
-        size = 3 * bucket.tokens
-        used = size + bucket.slots + 1
+        size, used = 3 * bucket.tokens, bucket.input_size
         block = self._static[:size].view(3, bucket.tokens)
         cu = self._static[size:used]
         # A valid packing to capture with: no real pairs, every slot a dummy, the rest padding.
@@ -287,8 +296,7 @@ class PackedExecutor:
     def _graph_ranges(self, items: Sequence[EncodedPair], max_tokens: int, max_pairs: int) -> list[tuple[int, int]]:
         if len(items) == 1:  # the common single pair: no chunking arithmetic
             return [(0, 1)]
-        lengths = np.fromiter((len(item.input_ids) for item in items), dtype=np.int64, count=len(items))
-        return graph_chunks(np.concatenate(([0], np.cumsum(lengths))), self._max_seq_len, max_tokens, max_pairs)
+        return graph_chunks(lengths_and_offsets(items)[1], self._max_seq_len, max_tokens, max_pairs)
 
     def _replay_chunks(self, items: Sequence[EncodedPair], ranges: list[tuple[int, int]]) -> list[float]:
         """Replays graphs on the consecutive `ranges` of `items` (one, most calls). The next chunk is packed
@@ -315,7 +323,7 @@ class PackedExecutor:
         rows = host[:size].reshape(3, bucket.tokens)
         rows[:, :tokens] = block
         rows[:, tokens:] = 0  # dummies and padding: id 0, type 0, position 0
-        host[size : size + bucket.slots + 1] = graph_offsets(cu, bucket, self._max_seq_len)
+        host[size : bucket.input_size] = graph_offsets(cu, bucket, self._max_seq_len)
         # the graph copies the host buffer in and the scores out itself
         self._graphs[bucket].replay()
 
