@@ -322,7 +322,8 @@ class Server:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.pythonpath = pythonpath
-        env = {**os.environ, "PYTHONPATH": pythonpath}
+        # the tree first; then what this process was given (where the wheels are, on the GPU machine)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve", json.dumps({**spec, "port": self.port})],
             env=env, preexec_fn=(lambda: os.sched_setaffinity(0, spec["server_cpus"])) if spec.get("server_cpus") else None, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
