@@ -464,7 +464,7 @@ def main() -> None:
     parser.add_argument("--switch-interval-ms", type=float, help="the server's GIL switch interval (default serve's)")
     parser.add_argument("--model-dir", help="serve this checkpoint with the real engine instead (tokenizer included)")
     parser.add_argument("--device", default="cpu", help="the real engine's device (with --model-dir)")
-    parser.add_argument("--compare", metavar="REV", help="also measure git revision REV's service code")
+    parser.add_argument("--compare", metavar="REV", help="also measure git revision REV's service code (or a service directory's)")
     parser.add_argument("--profile", action="store_true", help="cProfile the loop thread in one more first run per tree")
     parser.add_argument("--pin", action="store_true", help="server on the last CPU, the client on the others")
     parser.add_argument("--quick", action="store_true", help="short runs: checks the script, not a benchmark")
@@ -490,8 +490,9 @@ def main() -> None:
             spec["server_cpus"] = cpus[-1:]
             os.sched_setaffinity(0, cpus[:-1])
         trees = {"this tree": str(REPO / "service")}
-        if args.compare:
-            trees[args.compare] = str(extract_tree(args.compare, Path(tmp)))
+        if args.compare:  # a revision, or a service directory as is (a variant not committed)
+            compare_dir = Path(args.compare)
+            trees[args.compare] = str(compare_dir.resolve() if compare_dir.is_dir() else extract_tree(args.compare, Path(tmp)))
         rounds: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in trees}
         for k in range(args.rounds):
             order = list(trees.items())
