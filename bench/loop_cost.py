@@ -82,7 +82,8 @@ class InstantEngine:
     def __init__(self, vocab_dir: str, max_seq_len: int, gil_us: float = 0.0, device_us: float = 0.0,
                  real: Any = None) -> None:
         from similarity_service.engine_api import EngineInfo
-        from similarity_service.tokenization import PARALLEL_ENCODE_MIN_PAIRS, PairTokenizer
+        from similarity_service import tokenization
+        from similarity_service.tokenization import PairTokenizer
 
         self._real = real  # a loaded Engine: it tokenizes and scores instead (`--model-dir`)
         self._tokenizer = real if real is not None else PairTokenizer(vocab_dir, max_seq_len=max_seq_len)
@@ -92,7 +93,9 @@ class InstantEngine:
         self.passes = 0  # forward passes (`score_encoded` calls)
         self.scored_pairs = 0
         self.pairs_in_gil_free_calls = 0
-        self._gil_free_min_pairs = PARALLEL_ENCODE_MIN_PAIRS  # calls this large release the GIL
+        # calls this large release the GIL (a constant in trees before 2026-12-02's second session)
+        pair_tokenizer = real._tokenizer if real is not None else self._tokenizer  # noqa: SLF001
+        self._gil_free_min_pairs = getattr(pair_tokenizer, "parallel_min_pairs", None) or tokenization.PARALLEL_ENCODE_MIN_PAIRS
         self._gil_s, self._device_s = gil_us / 1e6, device_us / 1e6
         self.info = EngineInfo(
             model_id="instant", revision=None, model_dir=vocab_dir, fingerprint="instant", precision="fp32",

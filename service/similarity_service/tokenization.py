@@ -12,6 +12,7 @@ truncation is done here, in Python, with the slow tokenizer's rule (only long pa
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,14 +62,23 @@ def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, in
     return len_a - balanced // 2, len_b - unequal - (balanced - balanced // 2)
 
 
-# Fewer pairs than this are encoded one by one in the calling thread (see `PairTokenizer.encode`).
-PARALLEL_ENCODE_MIN_PAIRS = 8
+def parallel_encode_min_pairs(cores: int) -> int:
+    """From how many pairs `PairTokenizer.encode` makes the Rust batch call on a host with `cores` CPUs.
+
+    One pair is always encoded in the calling thread, holding the GIL (15-60 µs; the batch call wakes a
+    thread pool, ~150 µs on a 16-core host). The batch call releases the GIL for its whole duration, and
+    beside the event loop GIL held while tokenizing is GIL the loop waits for: served single pairs on a
+    16-core H200 host, batch calls from 2 pairs on (instead of 8) took x1.29-1.46 the saturated requests/s.
+    Its pool takes the host's cores, though: on a 2-core host the same change gave x1.16 with 16
+    connections but x0.84 with 64 (bench/loop_cost.py), so few cores keep the threshold of 8.
+    """
+    return 2 if cores >= 8 else 8
 
 
 class PairTokenizer:
     """Encodes sentence pairs for a BERT cross-encoder. Thread-safe: the Rust tokenizer holds no Python state."""
 
-    def __init__(self, model_dir: str | Path, *, max_seq_len: int = 512) -> None:
+    def __init__(self, model_dir: str | Path, *, max_seq_len: int = 512, parallel_min_pairs: int | None = None) -> None:
         model_dir = Path(model_dir)
         if max_seq_len < SPECIAL_TOKENS_PER_PAIR:
             raise ValueError(f"max_seq_len must be at least {SPECIAL_TOKENS_PER_PAIR}, got {max_seq_len}")
@@ -87,6 +97,8 @@ class PairTokenizer:
         tokenizer.add_special_tokens([token for token in SPECIAL_TOKENS if token in vocab])
         self._tokenizer = tokenizer
         self.max_seq_len = max_seq_len
+        # calls of this many pairs or more release the GIL; None: what suits this host's CPUs
+        self.parallel_min_pairs = parallel_min_pairs or parallel_encode_min_pairs(len(os.sched_getaffinity(0)))
         self.vocab_size = len(vocab)
         self.cls_id = vocab["[CLS]"]
         self.sep_id = vocab["[SEP]"]
@@ -96,8 +108,7 @@ class PairTokenizer:
         """Tokenize pairs in one Rust batch call; long pairs are cut longest-first to `max_seq_len`."""
         if not pairs:
             return []
-        if len(pairs) < PARALLEL_ENCODE_MIN_PAIRS:
-            # The batch call wakes a thread pool: ~150 µs for one pair on a 16-core host, vs ~15 µs here.
+        if len(pairs) < self.parallel_min_pairs:  # see parallel_encode_min_pairs
             encodings = [self._tokenizer.encode(a, b, add_special_tokens=True) for a, b in pairs]
         else:
             encodings = self._tokenizer.encode_batch_fast([(a, b) for a, b in pairs], add_special_tokens=True)

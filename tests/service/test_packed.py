@@ -215,11 +215,10 @@ def test_score_chunks_start_small_double_and_cover_every_pair() -> None:
 
 def test_one_by_one_and_batch_encoding_agree(tiny_model_dir: Path) -> None:
     from similarity_service.corpus import load_corpus
-    from similarity_service.tokenization import PARALLEL_ENCODE_MIN_PAIRS
 
     tokenizer = PairTokenizer(tiny_model_dir, max_seq_len=64)  # short: many pairs truncate
     pairs = [pair.pair for pair in load_corpus()][::5]
-    assert len(pairs) >= PARALLEL_ENCODE_MIN_PAIRS
+    assert len(pairs) >= tokenizer.parallel_min_pairs
     batch = tokenizer.encode(pairs)
     assert [tokenizer.encode([pair])[0] for pair in pairs] == batch
     assert any(item.num_tokens == 64 for item in batch)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from similarity_service.corpus import load_corpus
-from similarity_service.tokenization import PairTokenizer, truncate_longest_first
+from similarity_service.tokenization import PairTokenizer, parallel_encode_min_pairs, truncate_longest_first
 
 if TYPE_CHECKING:  # transformers is slow to import: only the fixture that needs it imports it
     from transformers import BertTokenizer
@@ -81,3 +81,37 @@ def test_truncate_longest_first(lengths: tuple[int, int], budget: int, kept: tup
 def test_max_seq_len_below_the_special_tokens_is_refused(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="at least 3"):
         PairTokenizer(tiny_model_dir, max_seq_len=2)
+
+
+class _CallLog:
+    """Wraps the Rust tokenizer and records which of its calls `PairTokenizer.encode` makes."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+        self.calls: list[tuple[str, int]] = []
+
+    def encode(self, *args: object, **kwargs: object) -> object:
+        self.calls.append(("one pair, GIL held", 1))
+        return self._inner.encode(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def encode_batch_fast(self, pairs: list[tuple[str, str]], **kwargs: object) -> object:
+        self.calls.append(("batch, GIL released", len(pairs)))
+        return self._inner.encode_batch_fast(pairs, **kwargs)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("cores", "min_pairs"), [(2, 8), (4, 8), (8, 2), (16, 2), (128, 2)])
+def test_the_gil_releasing_batch_call_starts_at_two_pairs_on_hosts_of_eight_cores(cores: int, min_pairs: int) -> None:
+    assert parallel_encode_min_pairs(cores) == min_pairs
+
+
+def test_from_parallel_min_pairs_on_pairs_are_tokenized_in_the_call_that_releases_the_gil(tiny_model_dir: Path) -> None:
+    # Beside the event loop a call that holds the GIL stalls the loop; one pair alone is cheaper held.
+    tokenizer = PairTokenizer(tiny_model_dir, parallel_min_pairs=2)  # a many-core host's (this one may have 2)
+    pairs = [pair.pair for pair in load_corpus()[:3]]
+    expected = [tokenizer.encode([pair])[0] for pair in pairs]
+    log = _CallLog(tokenizer._tokenizer)  # noqa: SLF001 - the test watches the Rust calls
+    tokenizer._tokenizer = log  # type: ignore[assignment]  # noqa: SLF001
+    assert tokenizer.encode(pairs[:1]) == expected[:1]
+    assert tokenizer.encode(pairs[:2]) == expected[:2]
+    assert tokenizer.encode(pairs) == expected
+    assert log.calls == [("one pair, GIL held", 1), ("batch, GIL released", 2), ("batch, GIL released", 3)]
