@@ -68,7 +68,8 @@ def parallel_encode_min_pairs(cores: int) -> int:
     One pair is always encoded in the calling thread, holding the GIL (15-60 µs; the batch call wakes a
     thread pool, ~150 µs on a 16-core host). The batch call releases the GIL for its whole duration, and
     beside the event loop GIL held while tokenizing is GIL the loop waits for: served single pairs on a
-    16-core H200 host, batch calls from 2 pairs on (instead of 8) took x1.29-1.46 the saturated requests/s.
+    16-core H200 host, batch calls from 2 pairs on (instead of 8) took x1.21-1.23 the saturated requests/s
+    with the real engine behind (x1.29-1.46 with a GPU-shaped stand-in).
     Its pool takes the host's cores, though: on a 2-core host the same change gave x1.16 with 16
     connections but x0.84 with 64 (bench/loop_cost.py), so few cores keep the threshold of 8.
     """
