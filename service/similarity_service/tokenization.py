@@ -1,12 +1,14 @@
 """The pair tokenizer: `[CLS] a [SEP] b [SEP]` with token type ids, built from a model's `vocab.txt`.
 
 It is the Rust `tokenizers` pipeline that Hugging Face builds for BERT (BertNormalizer with Chinese
-characters split one per token, BertPreTokenizer, WordPiece, the BERT pair template), and it gives
-the same ids as transformers' slow `BertTokenizer`, which is what ModelScope's `sen-sim-tokenizer`
-preprocessor uses for StructBERT. One difference needs care: when a pair is too long, the Rust
-truncator gives the odd token of a balanced cut to the *longer* sequence, the slow tokenizer to the
-*first* one. The model was trained and is served by ModelScope with the slow tokenizer's cut, so
-truncation is done here, in Python, with the slow tokenizer's rule (only long pairs pay for it).
+characters split one per token, BertPreTokenizer, WordPiece), and it gives the same ids as
+transformers' slow `BertTokenizer`, which is what ModelScope's `sen-sim-tokenizer` preprocessor uses
+for StructBERT. Each distinct sentence of a call is tokenized once, alone, and the pairs are joined here
+(the BERT pair template is exactly that join): a ranking request pairs one source with every target,
+and FAQ-style corpora repeat their questions. Truncation is done here too, with the slow tokenizer's
+rule: when a pair is too long, Rust's truncator would give the odd token of a balanced cut to the
+*longer* sequence, the slow tokenizer gives it to the *first* one, and the model was trained and is
+served by ModelScope with the slow tokenizer's cut.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
-from tokenizers.processors import TemplateProcessing
 
 from similarity_service.engine_api import EncodedPair
 
@@ -90,11 +91,6 @@ class PairTokenizer:
             clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase
         )
         tokenizer.pre_tokenizer = BertPreTokenizer()
-        tokenizer.post_processor = TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-        )
         tokenizer.add_special_tokens([token for token in SPECIAL_TOKENS if token in vocab])
         self._tokenizer = tokenizer
         self.max_seq_len = max_seq_len
@@ -106,25 +102,24 @@ class PairTokenizer:
         self.pad_id = vocab.get("[PAD]", 0)
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
-        """Tokenize pairs in one Rust batch call; long pairs are cut longest-first to `max_seq_len`."""
+        """Tokenize pairs, each distinct sentence once; long pairs are cut longest-first to `max_seq_len`."""
         if not pairs:
             return []
+        sentences = list(dict.fromkeys(sentence for pair in pairs for sentence in pair))
         if len(pairs) < self.parallel_min_pairs:  # see parallel_encode_min_pairs
-            encodings = [self._tokenizer.encode(a, b, add_special_tokens=True) for a, b in pairs]
+            encodings = [self._tokenizer.encode(sentence, add_special_tokens=False) for sentence in sentences]
         else:
-            encodings = self._tokenizer.encode_batch_fast([(a, b) for a, b in pairs], add_special_tokens=True)
-        return [self._fit(encoding.ids, encoding.type_ids) for encoding in encodings]
+            encodings = self._tokenizer.encode_batch_fast(sentences, add_special_tokens=False)
+        ids = {sentence: encoding.ids for sentence, encoding in zip(sentences, encodings, strict=True)}
+        return [self._join(ids[a], ids[b]) for a, b in pairs]
 
-    def _fit(self, ids: list[int], type_ids: list[int]) -> EncodedPair:
-        if len(ids) <= self.max_seq_len:
-            return EncodedPair(ids, type_ids)
-        # The template puts the first sentence's tokens at 1..len_a and the second's after ids[len_a + 1] (SEP).
-        len_a = type_ids.index(1) - 2
-        len_b = len(ids) - len_a - SPECIAL_TOKENS_PER_PAIR
-        keep_a, keep_b = truncate_longest_first(len_a, len_b, self.max_seq_len - SPECIAL_TOKENS_PER_PAIR)
-        start_b = len_a + 2
-        new_ids = [*ids[: 1 + keep_a], self.sep_id, *ids[start_b : start_b + keep_b], self.sep_id]
-        return EncodedPair(new_ids, [0] * (keep_a + 2) + [1] * (keep_b + 1))
+    def _join(self, ids_a: list[int], ids_b: list[int]) -> EncodedPair:
+        """`[CLS] a [SEP] b [SEP]`, type ids 0 up to the first [SEP] and 1 after, cut to fit `max_seq_len`."""
+        keep_a, keep_b = truncate_longest_first(len(ids_a), len(ids_b), self.max_seq_len - SPECIAL_TOKENS_PER_PAIR)
+        return EncodedPair(
+            [self.cls_id, *ids_a[:keep_a], self.sep_id, *ids_b[:keep_b], self.sep_id],
+            [0] * (keep_a + 2) + [1] * (keep_b + 1),
+        )
 
 
 def _casing(model_dir: Path) -> tuple[bool, bool | None]:

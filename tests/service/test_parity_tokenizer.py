@@ -91,12 +91,12 @@ class _CallLog:
         self.calls: list[tuple[str, int]] = []
 
     def encode(self, *args: object, **kwargs: object) -> object:
-        self.calls.append(("one pair, GIL held", 1))
+        self.calls.append(("one sentence, GIL held", 1))
         return self._inner.encode(*args, **kwargs)  # type: ignore[attr-defined]
 
-    def encode_batch_fast(self, pairs: list[tuple[str, str]], **kwargs: object) -> object:
-        self.calls.append(("batch, GIL released", len(pairs)))
-        return self._inner.encode_batch_fast(pairs, **kwargs)  # type: ignore[attr-defined]
+    def encode_batch_fast(self, sentences: list[str], **kwargs: object) -> object:
+        self.calls.append(("batch, GIL released", len(sentences)))
+        return self._inner.encode_batch_fast(sentences, **kwargs)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("cores", "min_pairs"), [(2, 8), (4, 8), (8, 2), (16, 2), (128, 2)])
@@ -104,14 +104,29 @@ def test_the_gil_releasing_batch_call_starts_at_two_pairs_on_hosts_of_eight_core
     assert parallel_encode_min_pairs(cores) == min_pairs
 
 
-def test_from_parallel_min_pairs_on_pairs_are_tokenized_in_the_call_that_releases_the_gil(tiny_model_dir: Path) -> None:
+def test_from_parallel_min_pairs_on_sentences_are_tokenized_in_the_call_that_releases_the_gil(
+    tiny_model_dir: Path,
+) -> None:
     # Beside the event loop a call that holds the GIL stalls the loop; one pair alone is cheaper held.
     tokenizer = PairTokenizer(tiny_model_dir, parallel_min_pairs=2)  # a many-core host's (this one may have 2)
-    pairs = [pair.pair for pair in load_corpus()[:3]]
+    pairs = [("第一句", "第二句"), ("第三句", "第四句"), ("第五句", "第六句")]
     expected = [tokenizer.encode([pair])[0] for pair in pairs]
     log = _CallLog(tokenizer._tokenizer)  # noqa: SLF001 - the test watches the Rust calls
     tokenizer._tokenizer = log  # type: ignore[assignment]  # noqa: SLF001
     assert tokenizer.encode(pairs[:1]) == expected[:1]
     assert tokenizer.encode(pairs[:2]) == expected[:2]
     assert tokenizer.encode(pairs) == expected
-    assert log.calls == [("one pair, GIL held", 1), ("batch, GIL released", 2), ("batch, GIL released", 3)]
+    assert log.calls == [("one sentence, GIL held", 1)] * 2 + [("batch, GIL released", 4), ("batch, GIL released", 6)]
+
+
+def test_each_distinct_sentence_is_tokenized_once_a_call(tiny_model_dir: Path) -> None:
+    tokenizer = PairTokenizer(tiny_model_dir, max_seq_len=40, parallel_min_pairs=2)  # short: some pairs truncate
+    targets = [pair.pair[1] for pair in load_corpus()[:40]]
+    source = "怎么修改绑定的手机号码？我换了新号码，旧号码已经停用了"
+    ranking = [(source, target) for target in targets] + [(targets[0], source), (source, source)]
+    expected = [tokenizer.encode([pair])[0] for pair in ranking]  # each pair alone: no sharing
+    log = _CallLog(tokenizer._tokenizer)  # noqa: SLF001 - the test watches the Rust calls
+    tokenizer._tokenizer = log  # type: ignore[assignment]  # noqa: SLF001
+    assert tokenizer.encode(ranking) == expected
+    assert log.calls == [("batch, GIL released", len({source, *targets}))]
+    assert any(item.num_tokens == 40 for item in expected) and any(item.num_tokens < 40 for item in expected)
