@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from provenance import git_commit
+from workload import distinct_copies
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
@@ -126,7 +127,7 @@ def structsim_section(model_dir: Path, pairs: list[tuple[str, str]], device: str
                 engine.score([pair])
             lat = latency_ms(lambda it=iter(singles): engine.score([next(it)]), len(singles), device)
             entry |= {"single_p50_ms": percentile(lat, 50), "single_p99_ms": percentile(lat, 99)}
-            big = pairs * (1 if quick else 8)  # the corpus' full length mix, ~10k pairs per call
+            big = distinct_copies(pairs, 1 if quick else 8)  # the corpus' full length mix, ~10k pairs per call
             engine.score(big)
             times = []
             for _ in range(2 if quick else 5):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from provenance import git_commit
+from workload import distinct_copies
 
 from similarity_service.checkpoint import make_checkpoint
 from similarity_service.corpus import load_corpus
@@ -78,7 +79,7 @@ def main() -> None:
                          residual_fp32=not args.fp16_residual)
     engine.warmup()
     executor = engine._packed  # noqa: SLF001 - a profile looks inside
-    pairs = [p.pair for p in load_corpus()] * 8
+    pairs = distinct_copies([p.pair for p in load_corpus()], 8)
     items = engine.encode(pairs)
     report: dict = {
         "benchmark": "profile_engine", "card": torch.cuda.get_device_name(), "torch": torch.__version__,

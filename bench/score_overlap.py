@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from provenance import git_commit
+from workload import distinct_copies
 
 from similarity_service import runner
 from similarity_service.checkpoint import make_checkpoint
@@ -44,7 +45,7 @@ def main() -> None:
     model_dir = make_checkpoint(Path(tempfile.mkdtemp()) / f"synthetic-{args.size}", args.size, seed=0)
     engine = Engine.load(model_dir, device=args.device, precision=args.precision or ("fp16" if cuda else "fp32"))
     engine.warmup()
-    pairs = [pair.pair for pair in load_corpus()] * args.copies
+    pairs = distinct_copies([pair.pair for pair in load_corpus()], args.copies)
     encoded = engine.encode(pairs)
 
     def timed(call: object) -> float:
