@@ -14,6 +14,8 @@ Measures, on the same synthetic StructBERT-base checkpoint and the project's Chi
 Writes bench/results/perf-<card>-<date>.json (card, commit, date) and prints a table.
 
 GPU:  python3 bench/perf.py --out-dir $OUT
+      python3 bench/perf.py --configs fp16 --skip modelscope,transformers,http --out-dir $OUT   (the served
+      configuration against fp32 only: a quick recheck of the headline's structsim figures)
 CPU:  python3 bench/perf.py --device cpu --size tiny --quick     (checks the script, not a benchmark)
 """
 
@@ -105,11 +107,14 @@ GPU_CONFIGS: list[tuple[str, dict]] = [
 TIMED = {label for label, _ in GPU_CONFIGS} - {"tf32"}
 
 
-def structsim_section(model_dir: Path, pairs: list[tuple[str, str]], device: str, quick: bool) -> dict:
+def structsim_section(model_dir: Path, pairs: list[tuple[str, str]], device: str, quick: bool,
+                      only: set[str] | None = None) -> dict:
     from similarity_service.runner import Engine
 
     results: dict = {}
     configs = GPU_CONFIGS if device.startswith("cuda") else [("fp32", {"precision": "fp32"})]
+    if only:  # fp32 always: the accuracy reference
+        configs = [(label, options) for label, options in configs if label == "fp32" or label in only]
     scores: dict[str, list[float]] = {}
     for label, options in configs:
         t0 = time.perf_counter()
@@ -244,6 +249,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="few repetitions: checks the script runs")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: modelscope,transformers,http")
+    parser.add_argument("--configs", default="", help="comma list of structsim configurations to run besides fp32 "
+                        "(labels of GPU_CONFIGS, e.g. 'fp16'; default all)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -266,7 +273,11 @@ def main() -> None:
         "pairs": len(pairs), "tokens_mean": statistics.fmean(lengths), "tokens_median": statistics.median(lengths),
         "tokens_p90": percentile(lengths, 90), "matmul_tflops": rate / 1e12, "ceiling_pairs_s": ceiling_pairs_s,
     }
-    report["structsim"] = structsim_section(model_dir, pairs, args.device, args.quick)
+    only = set(filter(None, args.configs.split(",")))
+    unknown = only - {label for label, _ in GPU_CONFIGS}
+    if unknown:
+        parser.error(f"unknown configuration(s) {sorted(unknown)}; known: {[label for label, _ in GPU_CONFIGS]}")
+    report["structsim"] = structsim_section(model_dir, pairs, args.device, args.quick, only)
     fp32_scores = report["structsim"].pop("_scores_fp32")
     if "modelscope" not in skip:
         report["modelscope_pipeline"] = modelscope_section(model_dir, pairs, args.device, args.quick, fp32_scores)
