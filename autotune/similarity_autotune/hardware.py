@@ -7,11 +7,12 @@ container without the driver's libnvidia-ml). On a CPU the model name and usable
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from similarity_service.host import usable_cores
 
 DeviceKind = Literal["cuda", "cpu"]
 
@@ -47,14 +48,6 @@ class Hardware:
 def product_label(name: str) -> str:
     """Spell a device name the way GPU feature discovery writes `nvidia.com/gpu.product`."""
     return "-".join(name.split())
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, which containers narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def cpu_model() -> str:

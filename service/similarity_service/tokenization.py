@@ -14,7 +14,6 @@ served by ModelScope with the slow tokenizer's cut.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
 from similarity_service.engine_api import EncodedPair
+from similarity_service.host import usable_cores
 
 # BERT's special tokens; the slow tokenizer never splits them, so "[SEP]" typed in a sentence is one token.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -64,7 +64,7 @@ def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, in
 
 
 def parallel_encode_min_pairs(cores: int) -> int:
-    """From how many pairs `PairTokenizer.encode` makes the Rust batch call on a host with `cores` CPUs.
+    """From how many pairs `PairTokenizer.encode` makes the Rust batch call, for a process with `cores` CPUs.
 
     One pair is always encoded in the calling thread, holding the GIL (15-60 µs; the batch call wakes a
     thread pool, ~150 µs on a 16-core host). The batch call releases the GIL for its whole duration, and
@@ -95,7 +95,7 @@ class PairTokenizer:
         self._tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         # calls of this many pairs or more release the GIL; None: what suits this host's CPUs
-        self.parallel_min_pairs = parallel_min_pairs or parallel_encode_min_pairs(len(os.sched_getaffinity(0)))
+        self.parallel_min_pairs = parallel_min_pairs or parallel_encode_min_pairs(usable_cores())
         self.vocab_size = len(vocab)
         self.cls_id = vocab["[CLS]"]
         self.sep_id = vocab["[SEP]"]
