@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from similarity_service.cli import main
 from similarity_service.commands.score import PROGRESS_MIN_PAIRS, progress_setting
+from similarity_service.commands.serve import GC_GEN0_THRESHOLD
 from similarity_service.corpus import bundled_corpus_path
 from similarity_service.runner import Engine
+
+
+@pytest.fixture(autouse=True)
+def _collector_given_back() -> Iterator[None]:
+    """`score` settles the heap of the process it runs in; in-process runs must give the test process its collector back."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
 
 
 def _structsim() -> str:
@@ -110,6 +122,17 @@ def test_output_file(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.Captur
     assert main(["score", "--model", str(tiny_model_dir), "--device", "cpu", "-o", str(target), str(source)]) == 0
     assert capsys.readouterr().out == ""
     assert len(target.read_text(encoding="utf-8").splitlines()) == 1
+
+
+def test_scoring_runs_on_a_settled_heap(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the input's rows and the model are frozen before scoring, so full collections do not scan them again
+    source = tmp_path / "in.jsonl"
+    source.write_text(_jsonl([("你好", "您好")]), encoding="utf-8")
+    assert gc.get_freeze_count() == 0
+    assert main(["score", "--model", str(tiny_model_dir), "--device", "cpu", str(source)]) == 0
+    assert gc.get_freeze_count() > 10_000  # torch and the model, at least
+    assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD
+    assert json.loads(capsys.readouterr().out)["similarity"] > 0
 
 
 def test_bad_rows_are_all_reported_with_line_numbers_and_nothing_is_scored(
