@@ -7,12 +7,19 @@ call. Each tree is timed in a child process of its own (its `service/` first on 
 interleaved rounds, A B B A; the report is the median per call shape, and the paired ratios. The
 vocabulary is the synthetic checkpoint's (21,128 tokens in the Chinese BERT layout).
 
+`--gc` also times what the garbage collector adds to `Engine.score`-sized calls: with a loaded engine
+(torch and the tiny model: the heap a scoring process holds), `--gc-calls` tokenizing calls of the corpus
+x8 in a row, each result kept until the next, as `structsim score` does; per call the median and the
+slowest, and the full collections' count and time, on the heap as is and settled (`serve.settle_heap`, what
+`structsim score` and `serve` run on since fe65b1d's successors).
+
     .venv/bin/python bench/tokenize_bench.py --compare HEAD~1 --out-dir bench/results
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -57,9 +64,44 @@ def child(model_dir: str, calls: int) -> dict[str, float]:
     return out
 
 
-def run_child(pythonpath: str, model_dir: str, calls: int) -> dict[str, float]:
+def gc_child(model_dir: str, calls: int, settle: bool) -> dict[str, float]:
+    """Tokenizing calls of the corpus x8 beside a loaded engine: per-call ms, and full collections."""
+    from workload import distinct_copies
+
+    from similarity_service.corpus import load_corpus
+    from similarity_service.runner import Engine
+
+    engine = Engine.load(model_dir, device="cpu", precision="fp32")
+    pairs = distinct_copies([pair.pair for pair in load_corpus()], 8)
+    if settle:
+        from similarity_service.commands.serve import settle_heap
+
+        settle_heap()
+    full: list[float] = []
+    started: list[float] = []
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                started.append(time.perf_counter())
+            else:
+                full.append(time.perf_counter() - started.pop())
+
+    gc.callbacks.append(watch)
+    kept, times = None, []
+    for _ in range(calls):
+        start = time.perf_counter()
+        kept = engine.encode(pairs)  # the last result stays alive while the next is made, as in a loop
+        times.append((time.perf_counter() - start) * 1e3)
+    del kept
+    return {"call_ms_median": statistics.median(times), "call_ms_max": max(times),
+            "full_collections": len(full), "full_collection_ms": sum(full) * 1e3}
+
+
+def run_child(pythonpath: str, model_dir: str, calls: int, gc_mode: str | None = None) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([pythonpath, str(REPO / "bench")])}
-    done = subprocess.run([sys.executable, __file__, "--child", model_dir, "--calls", str(calls)], env=env,
+    mode = ["--gc-child", gc_mode] if gc_mode else []
+    done = subprocess.run([sys.executable, __file__, "--child", model_dir, "--calls", str(calls), *mode], env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"child failed:\n{done.stderr}")
@@ -72,10 +114,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--calls", type=int, default=4000, help="pairs tokenized per timed run and shape (about)")
     parser.add_argument("--out-dir", type=Path)
+    parser.add_argument("--gc", action="store_true", help="also time the collector's share of corpus-x8 calls")
+    parser.add_argument("--gc-calls", type=int, default=12)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--gc-child", choices=["as is", "settled"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.calls)))
+        result = gc_child(args.child, args.calls, args.gc_child == "settled") if args.gc_child else child(args.child, args.calls)
+        print(json.dumps(result))
         return
     from batcher_overhead import extract_tree
 
@@ -91,12 +137,16 @@ def main() -> None:
             order = list(trees.items())
             for name, path in order if k % 2 == 0 else reversed(order):
                 rounds[name].append(run_child(path, model_dir, args.calls))
+        collector: dict[str, dict[str, dict[str, float]]] = {}
+        if args.gc:
+            for name, path in trees.items():
+                collector[name] = {heap: run_child(path, model_dir, args.gc_calls, heap) for heap in ("as is", "settled")}
     shapes = list(rounds["this tree"][0])
     medians = {name: {shape: statistics.median(r[shape] for r in runs) for shape in shapes} for name, runs in rounds.items()}
     report: dict[str, Any] = {
         "benchmark": "tokenize_bench", "commit": git_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "rounds": args.rounds,
-        "us_per_call": rounds, "median_us_per_call": medians,
+        "us_per_call": rounds, "median_us_per_call": medians, "corpus_x8_calls": collector,
     }
     for name, values in medians.items():
         print(f"{name}: " + ", ".join(f"{shape} {us:,.1f} µs" for shape, us in values.items()))
@@ -108,6 +158,10 @@ def main() -> None:
         print(f"time, this tree / {args.compare} (median, min-max over rounds):")
         for shape, r in ratios.items():
             print(f"  {shape}: x{statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})")
+    for name, heaps in collector.items():
+        for heap, row in heaps.items():
+            print(f"{name}, heap {heap}: {args.gc_calls} corpus-x8 calls, median {row['call_ms_median']:.0f} ms, slowest "
+                  f"{row['call_ms_max']:.0f} ms; {row['full_collections']} full collections, {row['full_collection_ms']:.0f} ms")
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         out = args.out_dir / f"tokenize_bench-cpu-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
