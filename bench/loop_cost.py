@@ -93,7 +93,7 @@ class InstantEngine:
         self.passes = 0  # forward passes (`score_encoded` calls)
         self.scored_pairs = 0
         self.pairs_in_gil_free_calls = 0
-        # calls this large release the GIL (a constant in trees before 2026-12-02's second session)
+        # calls this large release the GIL (a module constant in trees before 2a1b3b7)
         pair_tokenizer = real._tokenizer if real is not None else self._tokenizer  # noqa: SLF001
         self._gil_free_min_pairs = getattr(pair_tokenizer, "parallel_min_pairs", None) or tokenization.PARALLEL_ENCODE_MIN_PAIRS
         self._gil_s, self._device_s = gil_us / 1e6, device_us / 1e6

@@ -5,9 +5,9 @@ A pair costs the Rust tokenizer 15-140 µs (the more, the colder the CPU's cache
 Litestar between pairs), and a single-pair call holds the GIL; a call of two pairs or more releases it
 (on hosts of 8 cores or more: `tokenization.parallel_encode_min_pairs`). On the loop that was the largest
 item of a single-pair request's cost; here the loop pays for a future and, per call rather than per
-request, one wake-up. Callers hold only futures: the
-thread owns the calls to `encode`, and the loop resolves the futures (one `call_soon_threadsafe` per call).
-A caller that was cancelled meanwhile is skipped; an exception in `encode` fails that call's callers only.
+request, one wake-up. Callers hold only futures: the thread owns the calls to `encode`, and the loop
+resolves the futures (one `call_soon_threadsafe` per call). A caller that was cancelled meanwhile is
+skipped; an exception in `encode` fails that call's callers only.
 """
 
 from __future__ import annotations
