@@ -41,20 +41,17 @@ def timed(fn, reps: int = 5) -> float:
     return statistics.median(out)
 
 
-def kernel_breakdown(executor, one: list) -> dict:  # noqa: ANN001
-    """Device time per kernel of one single-pair forward launched op by op (the graph replays the same
-    kernels): is the replay's time in the kernels themselves or between them?"""
+def kernel_breakdown(graph: torch.cuda.CUDAGraph) -> dict:
+    """Device time per kernel of one replay of a single pair's graph: is the replay's time in the kernels
+    themselves or between them?"""
     from torch.profiler import ProfilerActivity, profile
 
-    block, cu = pack(one)
-    dev_block, dev_cu = torch.from_numpy(block).cuda(), torch.from_numpy(cu).cuda()
-    with torch.inference_mode():
-        for _ in range(3):
-            executor._call(dev_block, dev_cu, int(cu[-1]))
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            executor._call(dev_block, dev_cu, int(cu[-1]))
-            torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     by_name: dict[str, list[float]] = {}
     for event in kernels:
@@ -72,11 +69,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fp16-residual", action="store_true")
+    parser.add_argument("--no-latency-kernels", action="store_true", help="library kernels in the smallest graphs too")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     model_dir = make_checkpoint(Path(tempfile.mkdtemp()) / "base", "base", seed=0)
     engine = Engine.load(model_dir, precision="fp16", device="cuda", compile_model=args.compile,
-                         residual_fp32=not args.fp16_residual)
+                         residual_fp32=not args.fp16_residual, latency_kernels=not args.no_latency_kernels)
     engine.warmup()
     executor = engine._packed  # noqa: SLF001 - a profile looks inside
     pairs = distinct_copies([p.pair for p in load_corpus()], 8)
@@ -85,6 +83,7 @@ def main() -> None:
         "benchmark": "profile_engine", "card": torch.cuda.get_device_name(), "torch": torch.__version__,
         "commit": git_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "pairs": len(items), "compile": args.compile, "fp16_residual": args.fp16_residual,
+        "latency_kernels": executor._latency is not None,  # noqa: SLF001
     }
 
     report["encode_ms"] = timed(lambda: engine.encode(pairs), 3)
@@ -128,9 +127,9 @@ def main() -> None:
     report["one_score_ms"] = timed(lambda: engine.score([pairs[0]]), 200)
     report["one_encode_ms"] = timed(lambda: engine.encode([pairs[0]]), 200)
     report["one_pack_ms"] = timed(lambda: pack(one), 200)
-    report["one_pair_kernels"] = kernel_breakdown(executor, one)
+    report["one_pair_kernels"] = kernel_breakdown(graph)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"profile_engine-{report['card'].replace(' ', '-')}-{'compiled' if args.compile else 'eager'}-{report['date'][:10]}.json"
+    name = f"profile_engine-{report['card'].replace(' ', '-')}-{'compiled' if args.compile else 'eager'}{'' if report['latency_kernels'] else '-library'}-{report['date'][:10]}.json"
     (args.out_dir / name).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=1))
 

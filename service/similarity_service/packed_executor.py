@@ -43,7 +43,27 @@ GRAPH_SEQUENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 PackedForward = Callable[..., torch.Tensor]
 
+# The latency kernels' batches: at most this many tokens (latency_kernels.MAX_TOKENS, which needs triton).
+LATENCY_MAX_TOKENS = 64
+# Their scores against the library forward's on the same inputs, at capture (fp16: ~1e-3 apart at most).
+LATENCY_TOLERANCE = 1e-2
+
 logger = logging.getLogger(__name__)
+
+
+def _latency_forward(weights: PackedWeights) -> Callable[..., torch.Tensor] | None:
+    """The latency kernels' forward for these weights, or None (logged) where they cannot run."""
+    try:
+        from similarity_service.latency_kernels import MAX_TOKENS, LatencyForward
+    except ImportError as exc:
+        logger.info("the latency kernels need triton (%s); small batches use the library kernels", exc)
+        return None
+    assert MAX_TOKENS == LATENCY_MAX_TOKENS
+    try:
+        return LatencyForward(weights)
+    except ValueError as exc:
+        logger.info("the latency kernels do not fit this model (%s); small batches use the library kernels", exc)
+        return None
 
 
 class GraphBucket(NamedTuple):
@@ -174,6 +194,7 @@ class PackedExecutor:
         max_seq_len: int,
         compile_model: bool = False,
         residual_fp32: bool = True,
+        latency_kernels: bool = True,
     ) -> None:
         model.requires_grad_(False)  # inference only: no autograd state, even outside inference_mode
         self._weights = PackedWeights.of(model, residual_fp32=residual_fp32)
@@ -184,6 +205,10 @@ class PackedExecutor:
         if compile_model:
             self._forward = torch.compile(packed_probabilities, dynamic=True)
         cuda = device.type == "cuda"
+        # The smallest graphs' forward: hand-written kernels (similarity_service/latency_kernels.py).
+        self._latency: Callable[..., torch.Tensor] | None = None
+        if latency_kernels and cuda:
+            self._latency = _latency_forward(self._weights)
         self._pin = cuda
         # Graph inputs: a static device buffer laid out per bucket as [ids | types | positions | cu_seqlens],
         # mirrored by a persistent pinned host buffer; graph outputs land in a persistent pinned host buffer.
@@ -223,13 +248,15 @@ class PackedExecutor:
             scores[index] = sorted_scores[position]
         return scores
 
-    def _call(self, block: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+    def _call(self, block: torch.Tensor, cu: torch.Tensor, max_len: int, *, latency: bool = False) -> torch.Tensor:
         sequences = cu.numel()
         # Graphs read the static offsets; an eager batch may have more sequences than they hold.
         if sequences <= self._cls_offsets.numel():
             cls_offsets = self._cls_offsets[:sequences]
         else:
             cls_offsets = torch.arange(sequences, dtype=torch.int32, device=self._device)
+        if latency and self._latency is not None:
+            return self._latency(block[0], block[1], block[2], cu, cls_offsets, max_len)
         args = (self._weights, block[0], block[1], block[2], cu, cls_offsets, max_len, self._attention)
         if self._forward is packed_probabilities:
             return packed_probabilities(*args)
@@ -273,20 +300,43 @@ class PackedExecutor:
         cu = self._static[size:used]
         # A valid packing to capture with: no real pairs, every slot a dummy, the rest padding.
         cu.copy_(torch.from_numpy(graph_offsets(np.zeros(1, dtype=np.int32), bucket, self._max_seq_len)))
+        latency = self._latency is not None and bucket.tokens <= LATENCY_MAX_TOKENS
         side = torch.cuda.Stream(self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side), torch.inference_mode():
+            if latency and not self._warm_latency(block, cu, bucket):
+                latency = False
             for _ in range(2):
-                self._call(block, cu, self._max_len(bucket))
+                self._call(block, cu, self._max_len(bucket), latency=latency)
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # Capture on this device's stream: torch.cuda.graph's default capture stream is one per process,
         # made on whichever device came first, so a second GPU's replica would capture nothing.
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool, stream=side):
             self._static[:used].copy_(self._host_in[:used], non_blocking=True)
-            output = self._call(block, cu, self._max_len(bucket))
+            output = self._call(block, cu, self._max_len(bucket), latency=latency)
             self._host_out[: bucket.sequences].copy_(output[: bucket.sequences], non_blocking=True)
         self._graphs[bucket] = graph
+
+    def _warm_latency(self, block: torch.Tensor, cu: torch.Tensor, bucket: GraphBucket) -> bool:
+        """Compile the latency kernels and check them against the library forward on this bucket's capture
+        layout with random tokens. False (and the library forward for every bucket from then on) if they fail
+        or disagree."""
+        max_len = self._max_len(bucket)
+        block[0].random_(self._weights.model.config.vocab_size)  # real-looking tokens: zeros would check little
+        try:
+            got = self._call(block, cu, max_len, latency=True)
+            expected = self._call(block, cu, max_len)
+            difference = float((got - expected).abs().max())
+        except Exception:  # noqa: BLE001 - a Triton build or launch failure: serve with the library kernels
+            logger.warning("the latency kernels failed; small batches use the library kernels", exc_info=True)
+            self._latency = None
+            return False
+        if not difference <= LATENCY_TOLERANCE:  # also catches NaN
+            logger.warning("the latency kernels differ from the library forward by %.3g; not used", difference)
+            self._latency = None
+            return False
+        return True
 
     def capture_all(self) -> None:
         """Capture every bucket, largest first (warm-up before ready: no request pays for a capture)."""

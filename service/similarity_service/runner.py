@@ -156,16 +156,18 @@ class Engine:
         cuda_graphs: bool = True,
         compile_model: bool = True,
         residual_fp32: bool = True,
+        latency_kernels: bool = True,
     ) -> Engine:
         """Load a model (local directory or ModelScope hub id) onto a device in a precision.
 
         Raises `ModelLoadError` (model), `PrecisionError` / `DeviceError` (device), ValueError (limits).
         Device and precision are checked first, so a bad flag fails before a download.
 
-        `packed`, `cuda_graphs`, `compile_model` and `residual_fp32` choose the CUDA fp16/bf16 fast path's
-        levers (they do nothing elsewhere): packed varlen forwards, CUDA graphs for batches of up to 16k tokens,
-        torch.compile (~30 s more to start, faster forwards; falls back to eager if it fails), and an fp32
-        residual stream (more accurate, a little slower). `max_batch_size` (pairs) and `max_batch_tokens` bound one forward; their
+        `packed`, `cuda_graphs`, `compile_model`, `residual_fp32` and `latency_kernels` choose the CUDA fp16/bf16
+        fast path's levers (they do nothing elsewhere): packed varlen forwards, CUDA graphs for batches of up to
+        16k tokens, torch.compile (~30 s more to start, faster forwards; falls back to eager if it fails), an fp32
+        residual stream (more accurate, a little slower), and hand-written Triton kernels in the graphs of
+        batches of up to 64 tokens (a single pair's; with an fp32 residual, where triton is installed). `max_batch_size` (pairs) and `max_batch_tokens` bound one forward; their
         defaults depend on the path (padded: 256 pairs, 32k padded tokens; packed: 4096 pairs, 64k real tokens).
         """
         torch_device = resolve_device(device)
@@ -207,6 +209,7 @@ class Engine:
                 max_seq_len=max_seq_len,
                 compile_model=compile_model,
                 residual_fp32=residual_fp32,
+                latency_kernels=latency_kernels and residual_fp32,
             )
         packed_path = executor is not None
         if max_batch_size is None:
