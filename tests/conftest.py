@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+# No GPU here: Triton kernels (similarity_service/latency_kernels.py) run in Triton's interpreter, which
+# triton.jit picks when this is set before the kernels are defined.
+os.environ["TRITON_INTERPRET"] = "1"
 
 if TYPE_CHECKING:  # the engine imports torch; only the fixtures that need it pay for that
     from similarity_service.runner import Engine
