@@ -13,6 +13,7 @@ from similarity_service.runner import Engine
 from similarity_service.model import load_model, resolve_model
 from similarity_service.packed import PackedWeights, packed_probabilities, reference_varlen_attention
 from similarity_service.packed_executor import (
+    PackedExecutor,
     GRAPH_SEQUENCE_BUCKETS,
     GRAPH_TOKEN_BUCKETS,
     graph_bucket,
@@ -222,3 +223,22 @@ def test_one_by_one_and_batch_encoding_agree(tiny_model_dir: Path) -> None:
     batch = tokenizer.encode(pairs)
     assert [tokenizer.encode([pair])[0] for pair in pairs] == batch
     assert any(item.num_tokens == 64 for item in batch)
+
+
+@pytest.mark.parametrize("tokens", [3, 30, 63, 64, 65, 200, 512])
+def test_a_single_pair_is_laid_into_its_graph_input_as_any_batch_is(tiny_model_dir: Path, tokens: int) -> None:
+    """The single-pair fast path (`_fill_one`) writes the graph's pinned input exactly as the general
+    `_fill` does, over whatever an earlier call left there."""
+    executor = PackedExecutor(load_model(resolve_model(tiny_model_dir)).module, torch.device("cpu"),
+                              reference_varlen_attention, max_seq_len=512)  # fmt: skip
+    generator = np.random.default_rng(tokens)
+    item = EncodedPair(generator.integers(1, 100, tokens).tolist(), sorted(generator.integers(0, 2, tokens).tolist()))
+    buffer = executor._host_in_np  # noqa: SLF001 - the layout is what the graphs read
+    buffer[:] = generator.integers(0, 1000, buffer.size)
+    bucket = executor._fill_one(item)  # noqa: SLF001
+    fast = buffer[: bucket.input_size].copy()
+    buffer[:] = generator.integers(0, 1000, buffer.size)
+    block, cu = pack([item])
+    assert graph_bucket(block.shape[1], 1, 512) == bucket
+    executor._fill(block, cu, bucket)  # noqa: SLF001
+    np.testing.assert_array_equal(fast, buffer[: bucket.input_size])
