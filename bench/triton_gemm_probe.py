@@ -6,8 +6,8 @@ takes 0.35-1.4 us. This probe times y = act(x @ W^T + b) (fp16 in/out, fp32 accu
 [N, K] layout) for each layer shape at M = 64 rows (the graph's token bucket for one pair) and 32:
 
 - F.linear (cuBLASLt, torch's default) and, for ffn_in, F.linear then exact GELU (what the graph runs, roughly);
-- a Triton kernel, one program per BLOCK_N output columns with all M rows in one BLOCK_M tile, bias and
-  GELU fused, swept over a small config grid;
+- the engine's Triton kernel (latency_kernels.linear_kernel), one program per BLOCK_N output columns with
+  all M rows in one BLOCK_M tile, bias and GELU fused, swept over a small config grid;
 - its split-K form (SPLIT_K 2 or 4): partial sums tl.atomic_add'ed into an fp32 buffer, then a small bias +
   act + fp16 cast kernel; timed with the buffer's zeroing and that kernel, as a real layer would pay them
   (the best one is also timed with the epilogue re-zeroing the buffer instead of a memset).
@@ -52,6 +52,8 @@ import triton.language as tl  # noqa: E402
 from provenance import git_commit  # noqa: E402
 from small_gemm_probe import REPS, SHAPES, device_us  # noqa: E402
 
+from similarity_service.latency_kernels import linear_kernel  # noqa: E402 - the engine's own GEMM kernel
+
 LAYERS = 12
 HBM_BYTES_PER_S = 4.8e12  # H200 HBM3e, for the weights-read floor printed beside each shape
 L2_ROTATE_BYTES = 128 << 20  # weight copies cycled through per timing: > 2x the H200's 50 MB L2
@@ -64,54 +66,6 @@ GRID_STAGES = (3, 4)
 GRID_SPLIT_K = (1, 2, 4)
 ACTS = {"none": 0, "gelu": 1}
 DEVICE = "cuda"  # the sweep's device; a CPU smoke test of the sweep's plumbing may point it elsewhere
-
-
-@triton.jit
-def _linear_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
-    M, N, K, k_chunk,
-    stride_xm, stride_wn, stride_om,
-    ACT: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """out[:M, cols] = act(x @ W[cols]^T + b[cols]) for this program's BLOCK_N columns and K range.
-
-    Program (n, s) covers columns n*BLOCK_N.. and K in [s*k_chunk, (s+1)*k_chunk). ATOMIC (split-K): add the
-    fp32 partial sum into out without bias or act; else out is fp16 and the epilogue is fused here.
-    """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M  # rows past M are padding: loaded as 0, never stored
-    n_ok = rn < N
-    k_lo = pid_k * k_chunk
-    k_hi = tl.minimum(k_lo + k_chunk, K)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_lo + rk)[None, :]  # W rows are K-contiguous: no transposed copy
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:  # no K mask: keeps the weight loads vectorized
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            k_ok = (k + rk) < k_hi
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        # Relaxed is enough: the sums commute, and the epilogue kernel reads them after this kernel ends.
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
-    else:
-        y = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:
-            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))  # exact GELU, as BERT's nn.GELU()
-        tl.store(out_ptrs, y.to(tl.float16), mask=mask)
 
 
 @triton.jit
@@ -177,11 +131,11 @@ class TritonLinear:
         split = self.acc is not None
         if split and not self.reset:
             self.acc.zero_()  # a memset node in the graph, timed with the GEMM
-        _linear_kernel[self.grid](
+        linear_kernel[self.grid](
             x, w, b, self.acc if split else self.out,
             self.rows, self.n, self.k, self.k_chunk,
             x.stride(0), w.stride(0), self.n,
-            ACT=0 if split else self.act, ATOMIC=split, EVEN_K=self.even_k,  # split-K: act in the epilogue
+            GELU=not split and self.act == ACTS["gelu"], ACCUMULATE=split, EVEN_K=self.even_k,  # split-K: act in the epilogue
             BLOCK_M=self.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -261,9 +215,10 @@ def _warm_worker(tasks: list[tuple[int, int, int, str, Config]]) -> list[str]:
             w = torch.empty(n, k, device=DEVICE, dtype=torch.float16)
             b = torch.empty(n, device=DEVICE, dtype=torch.float16)
             split = layer.acc is not None
-            _linear_kernel.warmup(
+            linear_kernel.warmup(
                 x, w, b, layer.acc if split else layer.out, rows, n, k, layer.k_chunk, k, k, n,
-                ACT=0 if split else layer.act, ATOMIC=split, EVEN_K=layer.even_k, BLOCK_M=layer.block_m, BLOCK_N=cfg.block_n,
+                GELU=not split and layer.act == ACTS["gelu"], ACCUMULATE=split, EVEN_K=layer.even_k, BLOCK_M=layer.block_m,
+                BLOCK_N=cfg.block_n,
                 BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=layer.grid,
             )  # fmt: skip
             for epilogue_act, reset in itertools.product((0, 1), (False, True)) if split else ():

@@ -51,7 +51,7 @@ FFN_OUT = GemmConfig(block_n=32, block_k=128, num_warps=4, num_stages=4, split_k
 
 
 @triton.jit(do_not_specialize=["M"])  # one build for every row count: see _launch_gemm
-def _linear_kernel(
+def linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     M, N, K, k_chunk,
     stride_xm, stride_wn, stride_om,
@@ -281,7 +281,7 @@ class LatencyForward:
         n = linear.out_features
         steps = triton.cdiv(k, config.block_k)
         k_chunk = triton.cdiv(steps, config.split_k) * config.block_k  # whole BLOCK_K steps per split
-        _linear_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(k, k_chunk))](
+        linear_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(k, k_chunk))](
             x, linear.weight, linear.bias, out,
             rows, n, k, k_chunk,
             x.stride(0), linear.weight.stride(0), out.stride(0),
