@@ -36,6 +36,19 @@ def test_errors_and_flips_are_measured_pair_by_pair() -> None:
     assert not GUARD.compare("bf16", reference, [0.10, 0.69, 0.71, 0.96]).admissible
 
 
+def test_a_pair_counts_with_its_worst_scoring() -> None:
+    """One call of all pairs and one call per pair run different kernels: the guard takes each pair's worse."""
+    reference = [0.10, 0.69, 0.95]
+    together = [0.10, 0.69, 0.951]
+    alone = [0.102, 0.701, 0.95]
+    result = GUARD.compare("fp16", reference, together, alone)
+    assert result.max_abs_error == pytest.approx(0.011)
+    assert result.mean_abs_error == pytest.approx((0.002 + 0.011 + 0.001) / 3)
+    assert result.flips == 1 and result.pairs == 3 and not result.admissible
+    with pytest.raises(ValueError, match="3, 2 scores for 3 reference"):
+        GUARD.compare("fp16", reference, together, alone[:2])
+
+
 @dataclass
 class PerturbedEngine:
     """A real engine whose scores are shifted by `shift` (unit-level stand-in for a lossy precision)."""
@@ -43,6 +56,7 @@ class PerturbedEngine:
     inner: Engine
     shift: float
     max_batch_size: int = 8
+    alone_shift: float = 0.0  # added too where a call scores a single pair (the engine's small-batch kernels)
 
     @property
     def info(self) -> EngineInfo:
@@ -52,7 +66,8 @@ class PerturbedEngine:
         return self.inner.encode(pairs)
 
     def score_encoded(self, batch: Sequence[EncodedPair]) -> list[float]:
-        return [min(1.0, max(0.0, s + self.shift)) for s in self.inner.score_encoded(batch)]
+        shift = self.shift + (self.alone_shift if len(batch) == 1 else 0.0)
+        return [min(1.0, max(0.0, s + shift)) for s in self.inner.score_encoded(batch)]
 
 
 def test_a_precision_over_the_tolerance_is_inadmissible(tiny_engine: Engine, chinese_pairs: list[tuple[str, str]]) -> None:
@@ -69,6 +84,14 @@ def test_a_precision_over_the_tolerance_is_inadmissible(tiny_engine: Engine, chi
         "fp32": results["fp32"],
         "bf16": results["bf16"],
     }
+
+
+def test_a_precision_wrong_only_on_single_pairs_is_inadmissible(
+    tiny_engine: Engine, chinese_pairs: list[tuple[str, str]]
+) -> None:
+    engines = {"fp32": tiny_engine, "fp16": PerturbedEngine(tiny_engine, 0.0, alone_shift=0.02)}
+    result = measure_accuracy(["fp32", "fp16"], engines.__getitem__, chinese_pairs, GUARD)["fp16"]
+    assert not result.admissible and result.max_abs_error == pytest.approx(0.02, abs=1e-6)
 
 
 def _never(precision: str) -> Engine:
