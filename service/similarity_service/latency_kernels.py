@@ -169,7 +169,8 @@ def _attention_kernel(
     logits = tl.where((rk < k_len)[None, :], logits, float("-inf"))
     weights = tl.math.exp2(logits - tl.max(logits, axis=1)[:, None])
     out = tl.dot(weights.to(v.dtype), v) / tl.sum(weights, axis=1)[:, None]
-    tl.store(o_ptr + (q_start + rq)[:, None] * stride_ot + head * stride_oh + dims[None, :], out.to(o_ptr.dtype.element_ty), mask=q_ok)
+    o_ptrs = o_ptr + (q_start + rq)[:, None] * stride_ot + head * stride_oh + dims[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=q_ok)
 
 
 def _tile(size: int) -> int:
@@ -249,20 +250,26 @@ class LatencyForward:
             else:
                 attended = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
             rows = x.shape[0]
-            x16 = self._add_norm(attended.view(rows, hidden), layer.attention_out, ATTENTION_OUT, x, weights.attention_norms[index])
+            x16 = self._add_norm(
+                attended.view(rows, hidden), layer.attention_out, ATTENTION_OUT, x, weights.attention_norms[index]
+            )
             inner = self._linear(x16, layer.ffn_in, FFN_IN, gelu=True)
             x16 = self._add_norm(inner, layer.ffn_out, FFN_OUT, x, weights.ffn_norms[index])
         pooled = torch.tanh(F.linear(x, weights.pooler_weight, weights.pooler_bias))
         return torch.sigmoid(model.head(pooled).squeeze(-1))
 
-    def _linear(self, x: torch.Tensor, linear: torch.nn.Linear, config: GemmConfig, *, gelu: bool = False) -> torch.Tensor:
+    def _linear(
+        self, x: torch.Tensor, linear: torch.nn.Linear, config: GemmConfig, *, gelu: bool = False
+    ) -> torch.Tensor:
         """act(x @ W^T + b) in x's dtype."""
         rows, n = x.shape[0], linear.out_features
         out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
         self._launch_gemm(x, linear, config, out, gelu=gelu, accumulate=False)
         return out
 
-    def _add_norm(self, x: torch.Tensor, linear: torch.nn.Linear, config: GemmConfig, residual: torch.Tensor, norm: Norm) -> torch.Tensor:
+    def _add_norm(
+        self, x: torch.Tensor, linear: torch.nn.Linear, config: GemmConfig, residual: torch.Tensor, norm: Norm
+    ) -> torch.Tensor:
         """residual = norm(residual + x @ W^T + b), in place in fp32; returns its copy in x's dtype."""
         rows, hidden = residual.shape
         accumulator = self._accumulator[:rows]

@@ -358,6 +358,14 @@ class PackedExecutor:
         """Capture every bucket, largest first (warm-up before ready: no request pays for a capture)."""
         for bucket in self._buckets:
             self.capture(bucket)
+        if self._latency is not None:
+            logger.info(
+                "captured %d CUDA graphs, the latency kernels in those of up to %d tokens",
+                len(self._graphs),
+                LATENCY_MAX_TOKENS,
+            )
+        else:
+            logger.info("captured %d CUDA graphs, library kernels only", len(self._graphs))
 
     def _graph_ranges(self, items: Sequence[EncodedPair], max_tokens: int, max_pairs: int) -> list[tuple[int, int]]:
         return graph_chunks(lengths_and_offsets(items)[1], self._max_seq_len, max_tokens, max_pairs)

@@ -39,7 +39,9 @@ def _graph_inputs(model_dir: Path, pairs: list[tuple[str, str]]) -> tuple[list[t
     return [*rows, torch.from_numpy(offsets), cls], bucket.tokens
 
 
-def test_latency_forward_scores_as_the_packed_forward(tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]]) -> None:
+def test_latency_forward_scores_as_the_packed_forward(
+    tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]]
+) -> None:
     inputs, max_len = _graph_inputs(tiny_model_dir, chinese_pairs)
     fp32 = load_model(resolve_model(tiny_model_dir)).module
     latency = LatencyForward(PackedWeights.of(_fp16(tiny_model_dir)))
