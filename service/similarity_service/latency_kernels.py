@@ -11,7 +11,7 @@ LayerNorms (bench/profile_engine.py, bench/triton_gemm_probe.py). Here a layer i
 
 The numerics are the packed path's with an fp32 residual stream, except that attention_out's and ffn_out's
 products reach the residual in fp32 rather than rounded to fp16 first. Every row of a batch sits in one
-tile (64 or 128 rows), so the path serves batches of at most `MAX_TOKENS` tokens, and only inside CUDA graphs: launching a
+tile, so the path serves batches of at most `MAX_TOKENS` tokens, and only inside CUDA graphs: launching a
 Triton kernel from Python costs tens of microseconds, a replay nothing.
 
 The GEMM configurations are the fastest of bench/triton_gemm_probe.py's sweep at 64 rows on an H200.
@@ -31,9 +31,7 @@ import triton.language as tl
 
 from similarity_service.packed import Norm, PackedWeights
 
-TILES = (64, 128)  # GEMM tile heights: a batch's rows all in one tile, the smallest that holds them
-MAX_TOKENS = TILES[-1]  # and its longest sequence all in one attention tile
-_LARGE_TILE_STAGES = 3  # pipeline stages of the 128-row GEMMs: 4 would need ~160 KB of shared memory
+MAX_TOKENS = 64  # the batch's rows, all in one GEMM tile, and its longest sequence, all in one attention tile
 _MIN_TILE = 16  # tl.dot's smallest dimension
 
 
@@ -191,8 +189,7 @@ def varlen_attention(
     _attention_kernel[(cu_q.numel() - 1, heads)](
         q, k, v, out, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        scale_log2, HEAD_DIM=head_dim, BLOCK_Q=_tile(max_q), BLOCK_K=_tile(max_k),
-        num_warps=8 if max_k > 64 else 4,  # a 128-key tile's logits need the registers of 8 warps
+        scale_log2, HEAD_DIM=head_dim, BLOCK_Q=_tile(max_q), BLOCK_K=_tile(max_k), num_warps=4,
     )  # fmt: skip
     return out
 
@@ -234,7 +231,6 @@ class LatencyForward:
         if tokens > MAX_TOKENS:
             raise ValueError(f"the latency kernels take at most {MAX_TOKENS} tokens, got {tokens}")
         hidden, dtype = model.config.hidden_size, model.word_embeddings.weight.dtype
-        tile = next(height for height in TILES if height >= tokens)  # every GEMM of the call, the last layer's too
         x = torch.empty(tokens, hidden, dtype=torch.float32, device=input_ids.device)
         x16 = torch.empty(tokens, hidden, dtype=dtype, device=input_ids.device)
         norm = weights.embedding_norm
@@ -245,7 +241,7 @@ class LatencyForward:
         )  # fmt: skip
         last = len(model.layers) - 1
         for index, layer in enumerate(model.layers):
-            qkv = self._linear(x16, layer.qkv, QKV, tile)
+            qkv = self._linear(x16, layer.qkv, QKV)
             q, k, v = qkv.view(tokens, 3, layer.num_heads, hidden // layer.num_heads).unbind(1)
             if index == last:  # only the [CLS] rows are read after the last layer
                 cls_rows = cu_seqlens[:-1].long()
@@ -255,58 +251,48 @@ class LatencyForward:
                 attended = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
             rows = x.shape[0]
             x16 = self._add_norm(
-                attended.view(rows, hidden), layer.attention_out, ATTENTION_OUT, tile, x, weights.attention_norms[index]
+                attended.view(rows, hidden), layer.attention_out, ATTENTION_OUT, x, weights.attention_norms[index]
             )
-            inner = self._linear(x16, layer.ffn_in, FFN_IN, tile, gelu=True)
-            x16 = self._add_norm(inner, layer.ffn_out, FFN_OUT, tile, x, weights.ffn_norms[index])
+            inner = self._linear(x16, layer.ffn_in, FFN_IN, gelu=True)
+            x16 = self._add_norm(inner, layer.ffn_out, FFN_OUT, x, weights.ffn_norms[index])
         pooled = torch.tanh(F.linear(x, weights.pooler_weight, weights.pooler_bias))
         return torch.sigmoid(model.head(pooled).squeeze(-1))
 
     def _linear(
-        self, x: torch.Tensor, linear: torch.nn.Linear, config: GemmConfig, tile: int, *, gelu: bool = False
+        self, x: torch.Tensor, linear: torch.nn.Linear, config: GemmConfig, *, gelu: bool = False
     ) -> torch.Tensor:
         """act(x @ W^T + b) in x's dtype."""
         rows, n = x.shape[0], linear.out_features
         out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-        self._launch_gemm(x, linear, config, tile, out, gelu=gelu, accumulate=False)
+        self._launch_gemm(x, linear, config, out, gelu=gelu, accumulate=False)
         return out
 
     def _add_norm(
-        self, x: torch.Tensor, linear: torch.nn.Linear, config: GemmConfig, tile: int, residual: torch.Tensor, norm: Norm
+        self, x: torch.Tensor, linear: torch.nn.Linear, config: GemmConfig, residual: torch.Tensor, norm: Norm
     ) -> torch.Tensor:
         """residual = norm(residual + x @ W^T + b), in place in fp32; returns its copy in x's dtype."""
         rows, hidden = residual.shape
         accumulator = self._accumulator[:rows]
-        self._launch_gemm(x, linear, config, tile, accumulator, gelu=False, accumulate=True)
+        self._launch_gemm(x, linear, config, accumulator, gelu=False, accumulate=True)
         copy = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
         _residual_norm_kernel[(rows,)](
             accumulator, linear.bias, residual, norm.weight, norm.bias, copy, hidden, norm.eps, BLOCK_H=self._block_h
         )
         return copy
 
-    @staticmethod
+    @staticmethod  # every call one BLOCK_M (the last layer's few [CLS] rows too): 4 Triton builds, not 12, at start
     def _launch_gemm(
-        x: torch.Tensor,
-        linear: torch.nn.Linear,
-        config: GemmConfig,
-        tile: int,
-        out: torch.Tensor,
-        *,
-        gelu: bool,
-        accumulate: bool,
+        x: torch.Tensor, linear: torch.nn.Linear, config: GemmConfig, out: torch.Tensor, *, gelu: bool, accumulate: bool
     ) -> None:
-        """One GEMM in a `tile`-row tile, whatever its own rows (the last layer's few [CLS] rows too): each
-        configuration builds once per tile height, not per row count (Triton builds take seconds at start)."""
         rows, k = x.shape
         n = linear.out_features
         steps = triton.cdiv(k, config.block_k)
         k_chunk = triton.cdiv(steps, config.split_k) * config.block_k  # whole BLOCK_K steps per split
-        stages = config.num_stages if tile == TILES[0] else min(config.num_stages, _LARGE_TILE_STAGES)
         linear_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(k, k_chunk))](
             x, linear.weight, linear.bias, out,
             rows, n, k, k_chunk,
             x.stride(0), linear.weight.stride(0), out.stride(0),
             GELU=gelu, ACCUMULATE=accumulate, EVEN_K=k % config.block_k == 0,
-            BLOCK_M=tile, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=stages,
+            BLOCK_M=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip

@@ -22,9 +22,8 @@ serving event loop) a 512-pair, 28k-token call took 113 ms instead of 16 on an H
 (bench/graph_chunks_probe.py). With nothing else wanting the GIL, op by op in forwards of up to
 `max_tokens` is faster (x1.02-1.19 there); bulk calls ask for that.
 
-The graphs of at most `LATENCY_TILES[-1]` tokens (a single pair's, mostly) capture the hand-written
-forward of latency_kernels.py instead of the library one: 0.37 ms a replay instead of 0.50 on an H200
-(64 tokens).
+The graphs of at most `LATENCY_MAX_TOKENS` tokens (a single pair's, mostly) capture the hand-written
+forward of latency_kernels.py instead of the library one: 0.37 ms a replay instead of 0.50 on an H200.
 """
 
 from __future__ import annotations
@@ -48,9 +47,8 @@ GRAPH_SEQUENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 PackedForward = Callable[..., torch.Tensor]
 
-# The latency kernels' GEMM tile heights (latency_kernels.TILES, which needs triton): they take batches of up to
-# the largest; where a tile fails its check at capture, graphs of more tokens than the tile below it do not.
-LATENCY_TILES = (64, 128)
+# The latency kernels' batches: at most this many tokens (latency_kernels.MAX_TOKENS, which needs triton).
+LATENCY_MAX_TOKENS = 64
 # Their scores against the library forward's on the same inputs, at capture (fp16: ~1e-3 apart at most).
 LATENCY_TOLERANCE = 1e-2
 
@@ -60,11 +58,11 @@ logger = logging.getLogger(__name__)
 def _latency_forward(weights: PackedWeights) -> Callable[..., torch.Tensor] | None:
     """The latency kernels' forward for these weights, or None (logged) where they cannot run."""
     try:
-        from similarity_service.latency_kernels import TILES, LatencyForward
+        from similarity_service.latency_kernels import MAX_TOKENS, LatencyForward
     except ImportError as exc:
         logger.info("the latency kernels need triton (%s); small batches use the library kernels", exc)
         return None
-    assert TILES == LATENCY_TILES
+    assert MAX_TOKENS == LATENCY_MAX_TOKENS
     try:
         return LatencyForward(weights)
     except ValueError as exc:
@@ -221,7 +219,6 @@ class PackedExecutor:
         cuda = device.type == "cuda"
         # The smallest graphs' forward: hand-written kernels (similarity_service/latency_kernels.py).
         self._latency: Callable[..., torch.Tensor] | None = None
-        self._latency_max_tokens = LATENCY_TILES[-1]  # lowered where a tile fails its check
         if latency_kernels and cuda:
             self._latency = _latency_forward(self._weights)
         self._pin = cuda
@@ -319,7 +316,7 @@ class PackedExecutor:
         cu = self._static[size:used]
         # A valid packing to capture with: no real pairs, every slot a dummy, the rest padding.
         cu.copy_(torch.from_numpy(graph_offsets(np.zeros(1, dtype=np.int32), bucket, self._max_seq_len)))
-        latency = self._latency is not None and bucket.tokens <= self._latency_max_tokens
+        latency = self._latency is not None and bucket.tokens <= LATENCY_MAX_TOKENS
         side = torch.cuda.Stream(self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side), torch.inference_mode():
@@ -339,30 +336,23 @@ class PackedExecutor:
 
     def _warm_latency(self, block: torch.Tensor, cu: torch.Tensor, bucket: GraphBucket) -> bool:
         """Compile the latency kernels and check them against the library forward on this bucket's capture
-        layout with random tokens. False if they fail or disagree; then graphs of this bucket's tile height
-        and above use the library forward (all graphs, at the smallest tile)."""
+        layout with random tokens. False (and the library forward for every bucket from then on) if they fail
+        or disagree."""
         max_len = self._max_len(bucket)
         block[0].random_(self._weights.model.config.vocab_size)  # real-looking tokens: zeros would check little
         try:
             got = self._call(block, cu, max_len, latency=True)
             expected = self._call(block, cu, max_len)
             difference = float((got - expected).abs().max())
-            failure = None if difference <= LATENCY_TOLERANCE else f"differ from the library forward by {difference:.3g}"
-        except Exception as exc:  # noqa: BLE001 - a Triton build or launch failure: serve with the library kernels
-            failure = f"failed ({type(exc).__name__}: {exc})"
-        if failure is None:  # (a NaN difference fails the comparison above)
-            return True
-        smaller = [tile for tile in LATENCY_TILES if tile < bucket.tokens]
-        self._latency_max_tokens = smaller[-1] if smaller else 0
-        if not smaller:
+        except Exception:  # noqa: BLE001 - a Triton build or launch failure: serve with the library kernels
+            logger.warning("the latency kernels failed; small batches use the library kernels", exc_info=True)
             self._latency = None
-        logger.warning(
-            "the latency kernels %s at %d tokens; graphs of more than %d tokens use the library kernels",
-            failure,
-            bucket.tokens,
-            self._latency_max_tokens,
-        )
-        return False
+            return False
+        if not difference <= LATENCY_TOLERANCE:  # also catches NaN
+            logger.warning("the latency kernels differ from the library forward by %.3g; not used", difference)
+            self._latency = None
+            return False
+        return True
 
     def capture_all(self) -> None:
         """Capture every bucket, largest first (warm-up before ready: no request pays for a capture)."""
@@ -372,7 +362,7 @@ class PackedExecutor:
             logger.info(
                 "captured %d CUDA graphs, the latency kernels in those of up to %d tokens",
                 len(self._graphs),
-                self._latency_max_tokens,
+                LATENCY_MAX_TOKENS,
             )
         else:
             logger.info("captured %d CUDA graphs, library kernels only", len(self._graphs))
