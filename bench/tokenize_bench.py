@@ -13,6 +13,10 @@ x8 in a row, each result kept until the next, as `structsim score` does; per cal
 slowest, and the full collections' count and time, on the heap as is and settled (`serve.settle_heap`, what
 `structsim score` and `serve` run on since fe65b1d's successors).
 
+`--after-idle` times one pair's call in this tree right after the thread slept 0, 0.5, 2 and 5 ms, beside a
+fixed piece of pure Python: what a lone request's first work costs on a host whose threads went idle (every
+hand-off between the event loop, the tokenizer thread and the runner wakes a thread).
+
     .venv/bin/python bench/tokenize_bench.py --compare HEAD~1 --out-dir bench/results
 """
 
@@ -98,6 +102,32 @@ def gc_child(model_dir: str, calls: int, settle: bool) -> dict[str, float]:
             "full_collections": len(full), "full_collection_ms": sum(full) * 1e3}
 
 
+IDLE_GAPS_MS = (0.0, 0.5, 2.0, 5.0)
+
+
+def after_idle(model_dir: str, calls: int = 400) -> dict[str, dict[str, float]]:
+    """Median µs of one pair's `encode`, and of a fixed Python loop, each right after sleeping each gap."""
+    from similarity_service.corpus import load_corpus
+    from similarity_service.tokenization import PairTokenizer
+
+    tokenizer = PairTokenizer(model_dir)
+    one = [load_corpus()[3].pair]
+    work = {"one pair's encode": lambda: tokenizer.encode(one), "sum(range(2000))": lambda: sum(range(2000))}
+    out: dict[str, dict[str, float]] = {}
+    for name, call in work.items():
+        out[name] = {}
+        for gap_ms in IDLE_GAPS_MS:
+            times = []
+            for _ in range(calls):
+                if gap_ms:
+                    time.sleep(gap_ms / 1e3)
+                start = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - start) * 1e6)
+            out[name][f"after {gap_ms:g} ms idle"] = statistics.median(times)
+    return out
+
+
 def run_child(pythonpath: str, model_dir: str, calls: int, gc_mode: str | None = None) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([pythonpath, str(REPO / "bench")])}
     mode = ["--gc-child", gc_mode] if gc_mode else []
@@ -116,6 +146,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path)
     parser.add_argument("--gc", action="store_true", help="also time the collector's share of corpus-x8 calls")
     parser.add_argument("--gc-calls", type=int, default=12)
+    parser.add_argument("--after-idle", action="store_true", help="also time a lone call after the thread slept")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--gc-child", choices=["as is", "settled"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,12 +172,13 @@ def main() -> None:
         if args.gc:
             for name, path in trees.items():
                 collector[name] = {heap: run_child(path, model_dir, args.gc_calls, heap) for heap in ("as is", "settled")}
+        idle = after_idle(model_dir) if args.after_idle else {}
     shapes = list(rounds["this tree"][0])
     medians = {name: {shape: statistics.median(r[shape] for r in runs) for shape in shapes} for name, runs in rounds.items()}
     report: dict[str, Any] = {
         "benchmark": "tokenize_bench", "commit": git_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "rounds": args.rounds,
-        "us_per_call": rounds, "median_us_per_call": medians, "corpus_x8_calls": collector,
+        "us_per_call": rounds, "median_us_per_call": medians, "corpus_x8_calls": collector, "after_idle_us": idle,
     }
     for name, values in medians.items():
         print(f"{name}: " + ", ".join(f"{shape} {us:,.1f} µs" for shape, us in values.items()))
@@ -162,6 +194,8 @@ def main() -> None:
         for heap, row in heaps.items():
             print(f"{name}, heap {heap}: {args.gc_calls} corpus-x8 calls, median {row['call_ms_median']:.0f} ms, slowest "
                   f"{row['call_ms_max']:.0f} ms; {row['full_collections']} full collections, {row['full_collection_ms']:.0f} ms")
+    for name, gaps in idle.items():
+        print(f"{name}: " + ", ".join(f"{gap} {us:,.1f} µs" for gap, us in gaps.items()))
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         out = args.out_dir / f"tokenize_bench-cpu-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
