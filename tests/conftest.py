@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 # No GPU here: Triton kernels (similarity_service/latency_kernels.py) run in Triton's interpreter, which
-# triton.jit picks when this is set before the kernels are defined (and before torch, which imports triton).
+# triton.jit picks when this is set before the kernels are defined (when latency_kernels is imported).
 os.environ["TRITON_INTERPRET"] = "1"
 
 if TYPE_CHECKING:  # the engine imports torch; only the fixtures that need it pay for that

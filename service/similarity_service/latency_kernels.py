@@ -15,7 +15,7 @@ tile, so the path serves batches of at most `MAX_TOKENS` tokens, and only inside
 Triton kernel from Python costs tens of microseconds, a replay nothing.
 
 The GEMM configurations are the fastest of bench/triton_gemm_probe.py's sweep at 64 rows on an H200.
-On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 before triton, or torch, is imported), which
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported), which
 is how the tests check them against the packed forward.
 """
 
