@@ -59,6 +59,7 @@ def load_engine(settings: Settings) -> ScoringEngine:
             device=settings.device,
             max_seq_len=settings.max_seq_len,
             max_batch_size=settings.max_batch_size,
+            exact_thresholds=settings.exact_threshold_values,
         )
     except (ModelLoadError, ValueError) as exc:  # ValueError: PrecisionError, DeviceError, limits
         raise EngineLoadError(str(exc)) from exc

@@ -12,10 +12,16 @@ On CUDA in fp16/bf16 the engine runs packed instead (packed.py, packed_executor.
 all, variable-length flash attention, CUDA graphs for every batch of up to 16k tokens, optionally
 torch.compile; the sub-batches are cut by real tokens, launched back to back, and synchronized once at
 the end.
+
+With `exact_thresholds` (fp16/bf16/tf32 only), a pair whose score lies within the precision's error margin
+of one of those thresholds is scored again in fp32 by a second, fp32 copy of the model, so every decision
+at those thresholds is fp32's: low precision moves a score by ~1e-4 (at most 8.9e-4 over this project's
+corpus in fp16 on an H200), but a pair that close to a threshold can still flip.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Sequence
@@ -55,6 +61,9 @@ DEFAULT_MAX_PACKED_TOKENS = 65_536
 DEFAULT_MAX_PACKED_PAIRS = 4_096
 # Precisions the flash varlen kernel takes.
 PACKED_PRECISIONS = ("fp16", "bf16")
+# How far from an exact threshold a score is re-checked in fp32: a few times the largest error against fp32
+# measured on the project's corpus (fp16 8.9e-4, bf16 5.7e-3, tf32 7.3e-4 on an H200: docs/performance.md).
+THRESHOLD_MARGINS = {"fp16": 2e-3, "tf32": 2e-3, "bf16": 1.5e-2}
 
 
 def score_chunks(count: int) -> list[tuple[int, int]]:
@@ -122,10 +131,19 @@ class Engine:
         bucket_multiple: int,
         packed: PackedExecutor | None = None,
         cuda_graphs: bool = True,
+        reference: BertSimilarity | None = None,
+        exact_thresholds: Sequence[float] = (),
+        threshold_margin: float = 0.0,
     ) -> None:
+        """`reference`: an fp32 copy of the model that rescores pairs within `threshold_margin` of one of
+        `exact_thresholds` (see the module's docstring); without it the thresholds do nothing."""
         if max_batch_size < 1 or max_batch_tokens < 1 or bucket_multiple < 1:
             raise ValueError("max_batch_size, max_batch_tokens and bucket_multiple must be positive")
         self._module = module
+        self._reference = reference
+        self.exact_thresholds = tuple(exact_thresholds)
+        self.threshold_margin = threshold_margin
+        self.rescored_pairs = 0  # pairs scored again in fp32 so far (exact_thresholds)
         self._tokenizer = tokenizer
         self._info = info
         self._device = torch.device(info.device)
@@ -157,6 +175,8 @@ class Engine:
         compile_model: bool = True,
         residual_fp32: bool = True,
         latency_kernels: bool = True,
+        exact_thresholds: Sequence[float] = (),
+        threshold_margin: float | None = None,
     ) -> Engine:
         """Load a model (local directory or ModelScope hub id) onto a device in a precision.
 
@@ -167,9 +187,16 @@ class Engine:
         fast path's levers (they do nothing elsewhere): packed varlen forwards, CUDA graphs for batches of up to
         16k tokens, torch.compile (~30 s more to start, faster forwards; falls back to eager if it fails), an fp32
         residual stream (more accurate, a little slower), and hand-written Triton kernels in the graphs of
-        batches of up to 64 tokens (a single pair's; with an fp32 residual, where triton is installed). `max_batch_size` (pairs) and `max_batch_tokens` bound one forward; their
+        batches of up to 64 tokens (a single pair's; with an fp32 residual, where triton is installed).
+
+        `exact_thresholds` (each in (0, 1)): decisions at these thresholds are fp32's; pairs scored within
+        `threshold_margin` (default `THRESHOLD_MARGINS[precision]`) of one are scored again by an fp32 copy of
+        the model on the same device (its memory: the fp32 weights, ~0.4 GB at BERT-base size). Nothing
+        changes in fp32. `max_batch_size` (pairs) and `max_batch_tokens` bound one forward; their
         defaults depend on the path (padded: 256 pairs, 32k padded tokens; packed: 4096 pairs, 64k real tokens).
         """
+        if any(not 0 < threshold < 1 for threshold in exact_thresholds):
+            raise ValueError(f"exact thresholds must lie strictly between 0 and 1, got {list(exact_thresholds)}")
         torch_device = resolve_device(device)
         facts = describe_device(torch_device)
         chosen = resolve_precision(precision, torch_device, capability=facts.capability, device_name=facts.name)
@@ -187,6 +214,9 @@ class Engine:
                 f"{model_dir / 'vocab.txt'} has {tokenizer.vocab_size} tokens, more than config.json's "
                 f"vocab_size {loaded.config.vocab_size}"
             )
+        reference = None
+        if exact_thresholds and chosen != "fp32":  # copied before `.to` converts the module in place
+            reference = copy.deepcopy(loaded.module).to(torch_device).requires_grad_(False)
         module = loaded.module.to(device=torch_device, dtype=torch_dtype(chosen)).keep_head_fp32()
         info = EngineInfo(
             model_id=loaded.resolved.model_id,
@@ -225,6 +255,9 @@ class Engine:
             bucket_multiple=bucket_multiple,
             packed=executor,
             cuda_graphs=cuda_graphs,
+            reference=reference,
+            exact_thresholds=exact_thresholds,
+            threshold_margin=THRESHOLD_MARGINS.get(chosen, 0.0) if threshold_margin is None else threshold_margin,
         )
 
     @property
@@ -264,8 +297,12 @@ class Engine:
                     f"an encoded pair has {len(item.input_ids)} ids and {len(item.token_type_ids)} type ids; "
                     f"this engine takes 1 to {self._info.max_seq_len} of each (encode with this engine)"
                 )
-        if self._packed is not None:
-            return self._score_packed(batch, bulk)
+        scores = self._score_packed(batch, bulk) if self._packed is not None else self._score_padded(batch, self._module)
+        if self._reference is not None:
+            self._rescore_near_thresholds(batch, scores)
+        return scores
+
+    def _score_padded(self, batch: Sequence[EncodedPair], module: BertSimilarity) -> list[float]:
         scores = [0.0] * len(batch)
         plan = plan_batches(
             [len(item.input_ids) for item in batch],
@@ -275,14 +312,35 @@ class Engine:
             max_seq_len=self._info.max_seq_len,
         )
         for indices, padded in plan:
-            for index, score in zip(indices, self._score_splitting([batch[i] for i in indices], padded), strict=True):
+            for index, score in zip(
+                indices, self._score_splitting([batch[i] for i in indices], padded, module), strict=True
+            ):
                 scores[index] = score
         return scores
 
+    def _rescore_near_thresholds(self, batch: Sequence[EncodedPair], scores: list[float]) -> None:
+        """Replace, in place, the scores within `threshold_margin` of an exact threshold by fp32's."""
+        margin = self.threshold_margin
+        near = [i for i, score in enumerate(scores) if any(abs(score - t) <= margin for t in self.exact_thresholds)]
+        if not near:
+            return
+        assert self._reference is not None
+        for index, score in zip(near, self._score_padded([batch[i] for i in near], self._reference), strict=True):
+            scores[index] = score
+        self.rescored_pairs += len(near)
+
     def warmup(self) -> None:
         """Run one pair at every bucket length, so no request meets a first-call outlier (cuDNN/cuBLAS
-        pick kernels per shape on first use); on the packed path, capture every CUDA graph."""
+        pick kernels per shape on first use); on the packed path, capture every CUDA graph. The fp32
+        reference of `exact_thresholds` too."""
         cls_id, sep_id = self._tokenizer.cls_id, self._tokenizer.sep_id
+        padded_modules = [self._reference] if self._reference is not None else []
+        if self._packed is None:
+            padded_modules.insert(0, self._module)
+        for module in padded_modules:
+            for length in self.buckets:
+                ids = [cls_id] + [sep_id] * (length - 1)
+                self._score_splitting([EncodedPair(ids, [0] * length)], length, module)
         if self._packed is not None:
             with self._lock:
                 if self.cuda_graphs:
@@ -295,10 +353,6 @@ class Engine:
                         max_pairs=self.max_batch_size,
                         use_graphs=False,
                     )
-            return
-        for length in self.buckets:
-            ids = [cls_id] + [sep_id] * (length - 1)
-            self._score_splitting([EncodedPair(ids, [0] * length)], length)
 
     def _score_packed(self, batch: Sequence[EncodedPair], bulk: bool) -> list[float]:
         with self._lock:
@@ -319,11 +373,11 @@ class Engine:
         torch.cuda.empty_cache()
         return self._run_packed(items, max_tokens // 2, bulk)
 
-    def _score_splitting(self, items: list[EncodedPair], padded: int) -> list[float]:
+    def _score_splitting(self, items: list[EncodedPair], padded: int, module: BertSimilarity) -> list[float]:
         """Forward one sub-batch; on CUDA OOM retry its halves (each padded to its own bucket)."""
         try:
             with self._lock:
-                return self._forward(items, padded)
+                return self._forward(items, padded, module)
         except torch.cuda.OutOfMemoryError:
             if len(items) == 1:
                 raise self._single_pair_oom(len(items[0].input_ids)) from None
@@ -332,7 +386,9 @@ class Engine:
             torch.cuda.empty_cache()
         half = len(items) // 2
         first, second = items[:half], items[half:]
-        return self._score_splitting(first, self._padded(first)) + self._score_splitting(second, self._padded(second))
+        return self._score_splitting(first, self._padded(first), module) + self._score_splitting(
+            second, self._padded(second), module
+        )
 
     def _single_pair_oom(self, tokens: int) -> EngineOOMError:
         return EngineOOMError(
@@ -343,7 +399,8 @@ class Engine:
     def _padded(self, items: list[EncodedPair]) -> int:
         return _bucket(max(len(item.input_ids) for item in items), self.bucket_multiple, self._info.max_seq_len)
 
-    def _forward(self, items: list[EncodedPair], padded: int) -> list[float]:
+    def _forward(self, items: list[EncodedPair], padded: int, module: BertSimilarity) -> list[float]:
+        """P(similar) of one padded sub-batch by `module`: the engine's, or its fp32 reference (run in fp32)."""
         # One int32 block (ids, token types, mask) so there is a single host→device copy. Padding ids are
         # 0 ([PAD]); they are masked out, and the mask (not the id) marks them, as a typed "[PAD]" is real.
         host = torch.zeros((3, len(items), padded), dtype=torch.int32, pin_memory=self._pin_memory)
@@ -354,6 +411,7 @@ class Engine:
             block[1, row, :count] = item.token_type_ids
             block[2, row, :count] = 1
         tensors = host.to(self._device, non_blocking=self._pin_memory)
-        with torch.inference_mode(), matmul_precision(self._info.precision):
-            logits = self._module(tensors[0], tensors[1], tensors[2].bool())
+        precision = self._info.precision if module is self._module else "fp32"
+        with torch.inference_mode(), matmul_precision(precision):
+            logits = module(tensors[0], tensors[1], tensors[2].bool())
             return torch.sigmoid(logits).cpu().tolist()

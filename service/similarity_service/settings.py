@@ -96,6 +96,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "model's limit.",
         ),
     ] = 512
+    exact_thresholds: Annotated[
+        Annotated[str, Meta(pattern=r"^0?\.[0-9]*[1-9][0-9]*(,0?\.[0-9]*[1-9][0-9]*)*$")] | None,
+        Meta(
+            description="Decision thresholds, comma-separated (e.g. `0.5,0.8`), at which fp16/bf16/tf32 "
+            "must decide as fp32 does: a pair scored within the precision's error margin of one is scored "
+            "again by an fp32 copy of the model (~0.4 GB more GPU memory; each rescored pair costs an fp32 "
+            "forward). Unset = none; nothing changes in fp32.",
+        ),
+    ] = None
     max_batch_size: Annotated[
         int,
         Meta(
@@ -192,6 +201,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for name in ("max_pairs_per_request", "max_rank_targets"):
             if getattr(self, name) > self.max_queue_pairs:
                 raise ValueError(f"{name} ({getattr(self, name)}) exceeds max_queue_pairs ({self.max_queue_pairs})")
+
+    @property
+    def exact_threshold_values(self) -> tuple[float, ...]:
+        """`exact_thresholds` as numbers (the pattern admits only decimals strictly between 0 and 1)."""
+        return tuple(float(value) for value in self.exact_thresholds.split(",")) if self.exact_thresholds else ()
 
 
 # What a tuned profile may set: the knobs autotune searches.

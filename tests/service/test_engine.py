@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from similarity_service.bert import BertSimilarity
 from similarity_service.engine_api import EncodedPair, ScoringEngine
 from similarity_service.runner import Engine, EngineOOMError, bucket_lengths, plan_batches
 
@@ -95,9 +96,9 @@ def test_warmup_runs_every_bucket(tiny_model_dir: Path, monkeypatch: pytest.Monk
     seen: list[int] = []
     forward = engine._forward
 
-    def recording(items: list[EncodedPair], padded: int) -> list[float]:
+    def recording(items: list[EncodedPair], padded: int, module: BertSimilarity) -> list[float]:
         seen.append(padded)
-        return forward(items, padded)
+        return forward(items, padded, module)
 
     monkeypatch.setattr(engine, "_forward", recording)
     engine.warmup()
@@ -111,11 +112,11 @@ def test_cuda_oom_splits_the_batch_in_halves_and_still_scores_everything(
     forward = engine._forward
     sizes: list[int] = []
 
-    def scarce_memory(items: list[EncodedPair], padded: int) -> list[float]:
+    def scarce_memory(items: list[EncodedPair], padded: int, module: BertSimilarity) -> list[float]:
         sizes.append(len(items))
         if len(items) > 8:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(items, padded)
+        return forward(items, padded, module)
 
     monkeypatch.setattr(engine, "_forward", scarce_memory)
     scores = engine.score(chinese_pairs)
@@ -128,7 +129,7 @@ def test_cuda_oom_splits_the_batch_in_halves_and_still_scores_everything(
 def test_cuda_oom_on_a_single_pair_is_a_clear_error(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = Engine.load(tiny_model_dir, device="cpu", precision="fp32")
 
-    def no_memory(items: list[EncodedPair], padded: int) -> list[float]:
+    def no_memory(items: list[EncodedPair], padded: int, module: BertSimilarity) -> list[float]:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(engine, "_forward", no_memory)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from similarity_service.precision import (
     supported_precisions,
     torch_dtype,
 )
+from similarity_service.model import load_model, resolve_model
 from similarity_service.runner import Engine
 
 
@@ -105,3 +107,49 @@ def test_engine_refuses_a_precision_before_reading_the_model(tmp_path: Path) -> 
 def test_engine_auto_precision_on_cpu_is_fp32(tiny_model_dir: Path) -> None:
     engine = Engine.load(tiny_model_dir, device="cpu", precision="auto")
     assert engine.info.precision == "fp32"
+
+
+def test_pairs_near_an_exact_threshold_take_fp32_scores_and_no_decision_flips(
+    tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]]
+) -> None:
+    """bf16 weights on the CPU stand in for a lossy precision (Engine.load runs only fp32 on the CPU)."""
+    fp32 = Engine.load(tiny_model_dir, device="cpu", precision="fp32")
+    reference = fp32.score(chinese_pairs)
+    lossy = load_model(resolve_model(tiny_model_dir)).module.to(torch.bfloat16).keep_head_fp32()
+
+    def engine(thresholds: tuple[float, ...], margin: float) -> Engine:
+        return Engine(
+            module=lossy,
+            tokenizer=fp32._tokenizer,  # noqa: SLF001 - the same tokenizer
+            info=msgspec.structs.replace(fp32.info, precision="bf16"),
+            max_batch_size=64,
+            max_batch_tokens=32_768,
+            bucket_multiple=16,
+            reference=fp32._module,  # noqa: SLF001 - the fp32 copy Engine.load would make
+            exact_thresholds=thresholds,
+            threshold_margin=margin,
+        )
+
+    plain = engine((), 0.0).score(chinese_pairs)
+    errors = [abs(a - b) for a, b in zip(plain, reference, strict=True)]
+    assert max(errors) > 1e-3  # bf16 moves these scores visibly
+    threshold = sorted(plain)[len(plain) // 2]  # a threshold among the scores, so pairs lie close to it
+    margin = max(errors)  # over the precision's error on these pairs: no pair outside it can flip
+    exact = engine((threshold,), margin)
+    got = exact.score(chinese_pairs)
+    near = {i for i, score in enumerate(plain) if abs(score - threshold) <= margin}
+    assert near and exact.rescored_pairs == len(near) < len(chinese_pairs)
+    for i, score in enumerate(got):
+        assert score == (pytest.approx(reference[i], abs=1e-6) if i in near else plain[i])
+    assert [score >= threshold for score in got] == [score >= threshold for score in reference]
+    assert exact.score([chinese_pairs[min(near)]]) == pytest.approx([reference[min(near)]], abs=1e-6)  # alone too
+
+
+def test_exact_thresholds_are_checked_and_change_nothing_in_fp32(
+    tiny_model_dir: Path, tiny_engine: Engine, chinese_pairs: list[tuple[str, str]]
+) -> None:
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        Engine.load(tiny_model_dir, device="cpu", precision="fp32", exact_thresholds=(0.5, 1.0))
+    engine = Engine.load(tiny_model_dir, device="cpu", precision="fp32", exact_thresholds=(0.5,))
+    assert engine.score(chinese_pairs) == pytest.approx(tiny_engine.score(chinese_pairs), abs=1e-7)
+    assert engine.rescored_pairs == 0  # fp32 has no copy to rescore with

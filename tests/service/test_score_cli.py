@@ -226,3 +226,15 @@ def test_unsupported_precision_exits_2(
 def test_missing_input_file(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["score", "--model", str(tiny_model_dir), str(tmp_path / "absent.jsonl")]) == 2
     assert f"cannot read {tmp_path / 'absent.jsonl'}: No such file or directory" in capsys.readouterr().err
+
+
+def test_exact_thresholds_flag(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "pairs.jsonl"
+    source.write_text(json.dumps({"sentence1": "你好", "sentence2": "您好"}, ensure_ascii=False) + "\n")
+    args = ["score", "--model", str(tiny_model_dir), "--device", "cpu", str(source)]
+    assert main([*args, "--exact-thresholds", "0.5,0.9"]) == 0  # fp32 on the CPU: accepted, nothing to rescore
+    assert json.loads(capsys.readouterr().out)["similarity"] > 0
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--exact-thresholds", "0.5,1.5"])
+    assert exit_info.value.code == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err

@@ -93,11 +93,18 @@ def test_environment_values_are_parsed_and_empty_ones_ignored() -> None:
         ({}, {"STRUCTSIM_OFFLINE": "maybe"}, "STRUCTSIM_OFFLINE"),
         ({"max_queue_pairs": "8"}, {}, "max_pairs_per_request"),
         ({"profile": "/nonexistent/profile.json"}, {}, "/nonexistent/profile.json"),
+        ({"exact_thresholds": "0.5,1"}, {}, "--exact-thresholds"),
+        ({}, {"STRUCTSIM_EXACT_THRESHOLDS": "half"}, "STRUCTSIM_EXACT_THRESHOLDS"),
     ],
 )
 def test_errors_name_their_source(cli: dict[str, object], env: dict[str, str], names: str) -> None:
     with pytest.raises(SettingsError, match=names):
         load_settings(cli, env)
+
+
+def test_exact_thresholds_are_read_as_numbers() -> None:
+    assert load_settings(parse("--exact-thresholds", "0.5,.85"), {}).exact_threshold_values == (0.5, 0.85)
+    assert load_settings({}, {}).exact_threshold_values == ()
 
 
 def test_a_profile_that_is_not_a_profile(tmp_path: Path) -> None:

@@ -75,6 +75,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-seq-len", type=positive_int, default=512, help="tokens per pair, truncated longest-first"
     )
+    parser.add_argument(
+        "--exact-thresholds",
+        type=thresholds,
+        default=(),
+        metavar="T[,T...]",
+        help="decision thresholds at which fp16/bf16/tf32 decide as fp32: pairs scored near one are scored "
+        "again by an fp32 copy of the model",
+    )
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
     parser.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     parser.add_argument(
@@ -107,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             max_seq_len=args.max_seq_len,
             max_batch_size=args.batch_size,
+            exact_thresholds=args.exact_thresholds,
         )
     except (PrecisionError, DeviceError, ValueError) as exc:
         print(f"structsim score: {exc}", file=sys.stderr)
@@ -278,6 +287,17 @@ def _open_output(path: str | None) -> Iterator[TextIO]:
         return
     with open(path, "w", encoding="utf-8", newline="") as handle:
         yield handle
+
+
+def thresholds(value: str) -> tuple[float, ...]:
+    """argparse type: comma-separated numbers strictly between 0 and 1."""
+    try:
+        numbers = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be numbers separated by commas, got {value!r}") from None
+    if not all(0 < number < 1 for number in numbers):
+        raise argparse.ArgumentTypeError(f"each threshold must lie strictly between 0 and 1, got {value!r}")
+    return numbers
 
 
 def positive_int(value: str) -> int:
