@@ -99,6 +99,7 @@ GPU_CONFIGS: list[tuple[str, dict]] = [
     ("fp32", {"precision": "fp32"}),
     ("fp16", {"precision": "fp16"}),  # what structsim serves: packed, graphs, compiled, fp32 residual, latency kernels
     ("fp16 library-kernels", {"precision": "fp16", "latency_kernels": False}),  # the smallest graphs without them
+    ("fp16 exact-thresholds", {"precision": "fp16", "exact_thresholds": THRESHOLDS}),  # fp32 rescoring near them
     ("fp16 fp16-residual", {"precision": "fp16", "residual_fp32": False}),
     ("fp16 eager", {"precision": "fp16", "compile_model": False}),
     ("fp16 eager no-graphs", {"precision": "fp16", "compile_model": False, "cuda_graphs": False}),
@@ -154,6 +155,7 @@ def structsim_section(model_dir: Path, pairs: list[tuple[str, str]], device: str
         sync(device)
         entry: dict = {"load_and_warmup_s": time.perf_counter() - t0}
         scores[label] = engine.score(pairs)
+        entry["rescored_pairs_of_one_call"] = engine.rescored_pairs  # exact_thresholds: scored again in fp32
         # one pair per call takes the small-batch path (CUDA graphs; the latency kernels up to 64 tokens):
         # it must score what batches score, and it has its own accuracy against fp32
         singles[label] = [engine.score([pair])[0] for pair in pairs]
