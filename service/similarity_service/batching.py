@@ -89,6 +89,7 @@ class ReplicaStats:
     batches_run: int
     failed_batches: int
     pairs_scored: int
+    pairs_rescored_fp32: int  # scored again by the engine's fp32 copy near an exact threshold
     inference_s: float  # total time of its forward passes
     failures_in_a_row: int
     healthy: bool
@@ -169,6 +170,7 @@ class _Replica:
             batches_run=self.batches_run,
             failed_batches=self.failed_batches,
             pairs_scored=self.pairs_scored,
+            pairs_rescored_fp32=getattr(self.engine, "rescored_pairs", 0),  # engines without exact thresholds: 0
             inference_s=self.inference_s,
             failures_in_a_row=self.failures_in_a_row,
             healthy=self.failures_in_a_row < failures_before_unhealthy,

@@ -111,6 +111,11 @@ class ReplicaCollector(Collector):
         batches = CounterMetricFamily("structsim_replica_batches", "Forward passes run on the replica", labels=keys)
         failed = CounterMetricFamily("structsim_replica_failed_batches", "Forward passes that raised", labels=keys)
         pairs = CounterMetricFamily("structsim_replica_pairs_scored", "Pairs scored on the replica", labels=keys)
+        rescored = CounterMetricFamily(
+            "structsim_replica_pairs_rescored_fp32",
+            "Pairs scored again in fp32 because they lay near an exact threshold",
+            labels=keys,
+        )
         seconds = CounterMetricFamily(
             "structsim_replica_inference_seconds", "Time the replica spent in forward passes", labels=keys
         )
@@ -125,10 +130,11 @@ class ReplicaCollector(Collector):
             batches.add_metric(labels, replica.batches_run)
             failed.add_metric(labels, replica.failed_batches)
             pairs.add_metric(labels, replica.pairs_scored)
+            rescored.add_metric(labels, replica.pairs_rescored_fp32)
             seconds.add_metric(labels, replica.inference_s)
             busy.add_metric(labels, float(replica.busy))
             healthy.add_metric(labels, float(replica.healthy))
-        yield from (batches, failed, pairs, seconds, busy, healthy)
+        yield from (batches, failed, pairs, rescored, seconds, busy, healthy)
 
 
 class RequestMetricsMiddleware:

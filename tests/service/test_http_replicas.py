@@ -108,3 +108,15 @@ def test_replica_devices_come_from_devices_or_device() -> None:
 
     expected = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
     assert replica_devices(Settings(devices="auto")) == expected
+
+
+class RescoringEngine(FakeEngine):
+    """An engine that reports pairs scored again in fp32 near an exact threshold (runner.Engine's counter)."""
+
+    rescored_pairs = 7
+
+
+def test_pairs_rescored_in_fp32_are_counted_per_replica() -> None:
+    with live_server(create_app(Settings(max_wait_ms=0), engine_factory=lambda settings: RescoringEngine())) as server:
+        server.wait_ready()
+        assert server.metric("structsim_replica_pairs_rescored_fp32_total", replica="0", device="cpu") == 7
