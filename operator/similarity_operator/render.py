@@ -252,6 +252,13 @@ def _models_volume(spec: Spec) -> dict[str, Any]:
     return {"name": "models", "emptyDir": {}}
 
 
+def _exact_threshold_args(spec: Spec) -> list[str]:
+    """serve's --exact-thresholds, only when the spec names some (so other specs' pods keep their args)."""
+    if not spec.exact_thresholds:
+        return []
+    return ["--exact-thresholds", ",".join(f"{threshold:.6f}".rstrip("0") for threshold in spec.exact_thresholds)]
+
+
 def _model_args(spec: Spec) -> list[str]:
     """The model flags serve and autotune share. `--offline` only when asked for, so a spec that
     does not use it renders the same args as before the field existed (no rollout on upgrade)."""
@@ -295,6 +302,7 @@ def render_daemonset(owner: Owner, spec: Spec, product_label: str, config: Servi
         "serve",
         *_model_args(spec),
         *config.args,
+        *_exact_threshold_args(spec),
         *_devices_args(spec),
         "--host",
         "0.0.0.0",

@@ -90,6 +90,8 @@ class Spec(_Struct, frozen=True):
     gpus_per_pod: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     precision: PrecisionPolicy = "auto"
     batching: Batching = msgspec.field(default_factory=Batching)
+    # serve's --exact-thresholds: decisions at these are fp32's (pairs near one are scored again in fp32)
+    exact_thresholds: Annotated[list[Annotated[float, msgspec.Meta(ge=1e-6, le=0.999999)]], msgspec.Meta(max_length=16)] = []
     autotune: Autotune = msgspec.field(default_factory=Autotune)
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 80
 

@@ -225,6 +225,20 @@ def test_offline_reaches_both_pods_and_nothing_else() -> None:
         assert {k: v for k, v in off.items() if k != "args"} == {k: v for k, v in on.items() if k != "args"}
 
 
+def test_exact_thresholds_reach_the_serving_pods_only_when_named() -> None:
+    def serve_args(spec: Any) -> list[str]:
+        config = render.serving(spec, H100, None, None)
+        return container(render.render_daemonset(OWNER, spec, H100.labels[0], config, "cm"))["args"]
+
+    plain = serve_args(parse_spec(SPEC))
+    assert "--exact-thresholds" not in plain  # other specs' pods keep their args: no rollout on upgrade
+    named = serve_args(parse_spec({**SPEC, "exactThresholds": [0.7, 0.9]}))
+    at = named.index("--exact-thresholds")
+    assert named[at + 1] == "0.7,0.9" and named[:at] + named[at + 2 :] == plain
+    job = container(render.render_job(OWNER, parse_spec({**SPEC, "exactThresholds": [0.7]}), H100, "f", 1))
+    assert "--exact-thresholds" not in job["args"]  # tuning measures the served precision without it
+
+
 def test_one_gpu_per_pod_renders_no_devices_flag() -> None:
     """One GPU: the service's default device is that GPU; no flag keeps existing pods' args (no rollout)."""
     spec = parse_spec({**SPEC, "gpusPerPod": 1})
@@ -272,7 +286,9 @@ def test_rendered_args_parse_with_the_real_serve_and_autotune() -> None:
     from similarity_service.commands.serve import SHUTDOWN_GRACE_S
     from similarity_service.settings import load_settings
 
-    spec = parse_spec({**SPEC, "model": OFFLINE, "batching": {"maxBatchSize": 16}, "gpusPerPod": 4})
+    spec = parse_spec(
+        {**SPEC, "model": OFFLINE, "batching": {"maxBatchSize": 16}, "gpusPerPod": 4, "exactThresholds": [0.5, 0.000125]}
+    )
     config = render.serving(spec, H100, None, None)
     daemonset = render.render_daemonset(OWNER, spec, H100.labels[0], config, "cm")
     serving = container(daemonset)
@@ -289,6 +305,7 @@ def test_rendered_args_parse_with_the_real_serve_and_autotune() -> None:
     assert (settings.model, settings.revision, settings.offline) == (MODEL, "v1.0.1", True)
     assert (settings.cache_dir, settings.precision, settings.max_batch_size) == ("/models", "fp16", 16)
     assert settings.devices == "auto"  # every GPU of the pod's limit
+    assert settings.exact_threshold_values == (0.5, 0.000125)
     # The kubelet's SIGKILL never cuts serve's drain short: preStop sleep + drain + response grace fit.
     grace = daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > render.PRESTOP_SLEEP_S + settings.drain_timeout_s + SHUTDOWN_GRACE_S

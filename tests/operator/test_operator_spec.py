@@ -69,6 +69,7 @@ def test_batching_is_int_or_auto(batching: dict[str, Any], expected: tuple[Any, 
         ({"image": ""}, "spec.image: Expected `str` of length >= 1"),
         ({"model": {"id": MODEL, "offline": True}}, "spec.model.offline needs spec.model.cache.pvc"),
         ({"model": {"id": MODEL, "offline": "yes"}}, "spec.model.offline: Expected `bool`"),
+        ({"exactThresholds": [0.5, 1.0]}, "spec.exactThresholds[1]: Expected `float` <= 0.999999"),
     ],
 )
 def test_invalid_specs_name_the_field(patch: dict[str, Any], message: str) -> None:
