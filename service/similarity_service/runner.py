@@ -61,7 +61,7 @@ DEFAULT_MAX_PACKED_TOKENS = 65_536
 DEFAULT_MAX_PACKED_PAIRS = 4_096
 # Precisions the flash varlen kernel takes.
 PACKED_PRECISIONS = ("fp16", "bf16")
-# How far from an exact threshold a score is re-checked in fp32: a few times the largest error against fp32
+# How far from an exact threshold a score is re-checked in fp32: two to three times the largest error against fp32
 # measured on the project's corpus (fp16 8.9e-4, bf16 5.7e-3, tf32 7.3e-4 on an H200: docs/performance.md).
 THRESHOLD_MARGINS = {"fp16": 2e-3, "tf32": 2e-3, "bf16": 1.5e-2}
 
