@@ -334,9 +334,9 @@ class Engine:
         pick kernels per shape on first use); on the packed path, capture every CUDA graph. The fp32
         reference of `exact_thresholds` too."""
         cls_id, sep_id = self._tokenizer.cls_id, self._tokenizer.sep_id
-        padded_modules = [self._reference] if self._reference is not None else []
-        if self._packed is None:
-            padded_modules.insert(0, self._module)
+        padded_modules = [self._module] if self._packed is None else []  # the packed path warms up below
+        if self._reference is not None:
+            padded_modules.append(self._reference)
         for module in padded_modules:
             for length in self.buckets:
                 ids = [cls_id] + [sep_id] * (length - 1)
