@@ -65,6 +65,44 @@ def kernel_breakdown(graph: torch.cuda.CUDAGraph) -> dict:
     }
 
 
+KERNEL_KINDS = (  # substrings of kernel names, first match wins
+    ("attention", ("flash", "fmha", "attention")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "splitkreduce")),
+    ("triton (Inductor's fused elementwise)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in lowered for m in marks)), "other")
+
+
+def forwards_breakdown(forwards) -> dict:
+    """Device time per kernel kind and per kernel over one run of the large call's forwards: where the
+    batch throughput goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    forwards()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forwards()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()]
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        by_kind[kernel_kind(event.name)] = by_kind.get(kernel_kind(event.name), 0.0) + event.device_time
+        by_name.setdefault(event.name[:110], []).append(event.device_time)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    return {
+        "kernels": len(kernels),
+        "kernel_time_ms": sum(e.device_time for e in kernels) / 1e3,
+        "by_kind_ms": {kind: us / 1e3 for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": name, "kind": kernel_kind(name), "count": len(times), "total_ms": sum(times) / 1e3}
+                for name, times in top],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", action="store_true")
@@ -113,6 +151,16 @@ def main() -> None:
     report["forwards_only_ms"] = timed(forwards, 5)
     report["forwards_only_pairs_s"] = len(items) / (report["forwards_only_ms"] / 1e3)
     report["score_encoded_pairs_s"] = len(items) / (report["score_encoded_ms"] / 1e3)
+    report["forwards_kernels"] = breakdown = forwards_breakdown(forwards)
+    # the encoder's matmul FLOPs as this forward runs them (the last layer's [CLS] rows only, bar k and v)
+    config = engine._module.config  # noqa: SLF001
+    hidden, inner = config.hidden_size, config.intermediate_size
+    tokens_total, layers = int(cu[-1]), config.num_hidden_layers
+    per_row = 2 * hidden * (3 * hidden + hidden + 2 * inner)
+    gemm_flops = (layers - 1) * tokens_total * per_row + tokens_total * 2 * hidden * 3 * hidden \
+        + len(items) * 2 * hidden * (hidden + 2 * inner)
+    report["tokens"] = tokens_total
+    report["gemm_tflop_s"] = gemm_flops / (breakdown["by_kind_ms"].get("gemm", float("nan")) / 1e3) / 1e12
 
     # one pair
     one = items[:1]
