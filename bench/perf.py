@@ -99,6 +99,7 @@ GPU_CONFIGS: list[tuple[str, dict]] = [
     ("fp32", {"precision": "fp32"}),
     ("fp16", {"precision": "fp16"}),  # what structsim serves: packed, graphs, compiled, fp32 residual, latency kernels
     ("fp16 library-kernels", {"precision": "fp16", "latency_kernels": False}),  # the smallest graphs without them
+    ("fp16 flash-attention", {"precision": "fp16", "triton_attention": False}),  # flash's varlen kernel instead
     ("fp16 exact-thresholds", {"precision": "fp16", "exact_thresholds": THRESHOLDS}),  # fp32 rescoring near them
     ("fp16 fp16-residual", {"precision": "fp16", "residual_fp32": False}),
     ("fp16 eager", {"precision": "fp16", "compile_model": False}),

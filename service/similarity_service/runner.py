@@ -22,6 +22,7 @@ corpus in fp16 on an H200), but a pair that close to a threshold can still flip.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ import torch
 from similarity_service.bert import BertSimilarity
 from similarity_service.engine_api import EncodedPair, EngineInfo, EngineOutOfMemory
 from similarity_service.model import UnsupportedModelError, fingerprint, load_model, resolve_model
-from similarity_service.packed import cuda_varlen_attention
+from similarity_service.packed import VarlenAttention, cuda_varlen_attention
 from similarity_service.packed_executor import PackedExecutor
 from similarity_service.precision import (
     describe_device,
@@ -42,6 +43,8 @@ from similarity_service.precision import (
     torch_dtype,
 )
 from similarity_service.tokenization import SPECIAL_TOKENS_PER_PAIR, PairTokenizer, VocabularyError
+
+logger = logging.getLogger(__name__)
 
 # Padded tokens per forward. At BERT-base size this bounds activation memory to a few hundred MB in
 # fp16 while still feeding a GPU fully (e.g. 64 pairs of 512 tokens, or 256 pairs of 128).
@@ -74,6 +77,16 @@ def score_chunks(count: int) -> list[tuple[int, int]]:
         start += size
         size = min(2 * size, SCORE_CHUNK_PAIRS)
     return ranges
+
+
+def _triton_attention(flash: VarlenAttention, device: torch.device, dtype: torch.dtype) -> VarlenAttention:
+    """triton_attention.py's kernel where triton is installed and the kernel checks out on this device, else flash."""
+    try:
+        from similarity_service.triton_attention import checked_against
+    except ImportError as exc:
+        logger.info("the Triton attention kernel needs triton (%s); attention uses flash attention", exc)
+        return flash
+    return checked_against(flash, device, dtype)
 
 
 class EngineOOMError(EngineOutOfMemory):
@@ -175,6 +188,7 @@ class Engine:
         compile_model: bool = True,
         residual_fp32: bool = True,
         latency_kernels: bool = True,
+        triton_attention: bool = True,
         exact_thresholds: Sequence[float] = (),
         threshold_margin: float | None = None,
     ) -> Engine:
@@ -183,11 +197,12 @@ class Engine:
         Raises `ModelLoadError` (model), `PrecisionError` / `DeviceError` (device), ValueError (limits).
         Device and precision are checked first, so a bad flag fails before a download.
 
-        `packed`, `cuda_graphs`, `compile_model`, `residual_fp32` and `latency_kernels` choose the CUDA fp16/bf16
-        fast path's levers (they do nothing elsewhere): packed varlen forwards, CUDA graphs for batches of up to
-        16k tokens, torch.compile (~30 s more to start, faster forwards; falls back to eager if it fails), an fp32
-        residual stream (more accurate, a little slower), and hand-written Triton kernels in the graphs of
-        batches of up to 64 tokens (a single pair's; with an fp32 residual, where triton is installed).
+        `packed`, `cuda_graphs`, `compile_model`, `residual_fp32`, `latency_kernels` and `triton_attention` choose
+        the CUDA fp16/bf16 fast path's levers (they do nothing elsewhere): packed varlen forwards, CUDA graphs for
+        batches of up to 16k tokens, torch.compile (~30 s more to start, faster forwards; falls back to eager if it
+        fails), an fp32 residual stream (more accurate, a little slower), hand-written Triton kernels in the
+        graphs of batches of up to 64 tokens (a single pair's; with an fp32 residual), and a Triton attention
+        kernel sized to short sequences instead of flash attention's (both where triton is installed).
 
         `exact_thresholds` (each in (0, 1)): decisions at these thresholds are fp32's; pairs scored within
         `threshold_margin` (default `THRESHOLD_MARGINS[precision]`) of one are scored again by an fp32 copy of
@@ -232,6 +247,8 @@ class Engine:
         executor = None
         attention = cuda_varlen_attention()
         if packed and torch_device.type == "cuda" and chosen in PACKED_PRECISIONS and attention is not None:
+            if triton_attention:
+                attention = _triton_attention(attention, torch_device, torch_dtype(chosen))
             executor = PackedExecutor(
                 module,
                 torch_device,
@@ -345,7 +362,8 @@ class Engine:
             with self._lock:
                 if self.cuda_graphs:
                     self._packed.capture_all()
-                for length in (8, 64, self._info.max_seq_len):  # the eager path's first calls
+                # the eager path's first calls: each attention tile size (triton_attention.tiles_for) built
+                for length in (8, 32, 64, self._info.max_seq_len):
                     ids = [cls_id] + [sep_id] * (length - 1)
                     self._packed.run(
                         [EncodedPair(ids, [0] * length)] * 80,
