@@ -33,7 +33,7 @@ import torch
 from similarity_service.bert import BertSimilarity
 from similarity_service.engine_api import EncodedPair, EngineInfo, EngineOutOfMemory
 from similarity_service.model import UnsupportedModelError, fingerprint, load_model, resolve_model
-from similarity_service.packed import VarlenAttention, cuda_varlen_attention
+from similarity_service.packed import VarlenAttention, cuda_varlen_attention, reference_varlen_attention
 from similarity_service.packed_executor import PackedExecutor
 from similarity_service.precision import (
     describe_device,
@@ -79,14 +79,17 @@ def score_chunks(count: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def _triton_attention(flash: VarlenAttention, device: torch.device, dtype: torch.dtype) -> VarlenAttention:
-    """triton_attention.py's kernel where triton is installed and the kernel checks out on this device, else flash."""
+def _triton_attention(
+    fallback: VarlenAttention, device: torch.device, dtype: torch.dtype, tolerance: float
+) -> VarlenAttention:
+    """triton_attention.py's kernel where triton is installed and it attends as `fallback` does on this device
+    (within `tolerance`), else `fallback`."""
     try:
         from similarity_service.triton_attention import checked_against
     except ImportError as exc:
-        logger.info("the Triton attention kernel needs triton (%s); attention uses flash attention", exc)
-        return flash
-    return checked_against(flash, device, dtype)
+        logger.info("the Triton attention kernel needs triton (%s); attention uses %s", exc, fallback.__name__)
+        return fallback
+    return checked_against(fallback, device, dtype, tolerance)
 
 
 class EngineOOMError(EngineOutOfMemory):
@@ -145,15 +148,19 @@ class Engine:
         packed: PackedExecutor | None = None,
         cuda_graphs: bool = True,
         reference: BertSimilarity | None = None,
+        reference_packed: PackedExecutor | None = None,
         exact_thresholds: Sequence[float] = (),
         threshold_margin: float = 0.0,
     ) -> None:
         """`reference`: an fp32 copy of the model that rescores pairs within `threshold_margin` of one of
-        `exact_thresholds` (see the module's docstring); without it the thresholds do nothing."""
+        `exact_thresholds` (see the module's docstring); without it the thresholds do nothing.
+        `reference_packed`: the packed path over that copy, which rescores them where given (one unpadded
+        forward for all of a call's pairs instead of one padded forward per length bucket)."""
         if max_batch_size < 1 or max_batch_tokens < 1 or bucket_multiple < 1:
             raise ValueError("max_batch_size, max_batch_tokens and bucket_multiple must be positive")
         self._module = module
         self._reference = reference
+        self._reference_packed = reference_packed
         self.exact_thresholds = tuple(exact_thresholds)
         self.threshold_margin = threshold_margin
         self.rescored_pairs = 0  # pairs scored again in fp32 so far (exact_thresholds)
@@ -248,7 +255,7 @@ class Engine:
         attention = cuda_varlen_attention()
         if packed and torch_device.type == "cuda" and chosen in PACKED_PRECISIONS and attention is not None:
             if triton_attention:
-                attention = _triton_attention(attention, torch_device, torch_dtype(chosen))
+                attention = _triton_attention(attention, torch_device, torch_dtype(chosen), 1e-2)
             executor = PackedExecutor(
                 module,
                 torch_device,
@@ -257,6 +264,14 @@ class Engine:
                 compile_model=compile_model,
                 residual_fp32=residual_fp32,
                 latency_kernels=latency_kernels and residual_fp32,
+            )
+        reference_packed = None
+        if reference is not None and executor is not None:
+            fp32_attention: VarlenAttention = reference_varlen_attention
+            if triton_attention:
+                fp32_attention = _triton_attention(fp32_attention, torch_device, torch.float32, 1e-4)
+            reference_packed = PackedExecutor(
+                reference, torch_device, fp32_attention, max_seq_len=max_seq_len, compile_model=False, latency_kernels=False
             )
         packed_path = executor is not None
         if max_batch_size is None:
@@ -273,6 +288,7 @@ class Engine:
             packed=executor,
             cuda_graphs=cuda_graphs,
             reference=reference,
+            reference_packed=reference_packed,
             exact_thresholds=exact_thresholds,
             threshold_margin=THRESHOLD_MARGINS.get(chosen, 0.0) if threshold_margin is None else threshold_margin,
         )
@@ -290,15 +306,23 @@ class Engine:
         """P(similar) for each (sentence1, sentence2) pair, in order.
 
         A long list is tokenized chunk by chunk in a helper thread while the device scores the chunks
-        before it (the Rust tokenizer releases the GIL), so tokenizing costs little wall time.
+        before it (the Rust tokenizer releases the GIL), so tokenizing costs little wall time. Pairs near an
+        exact threshold are scored again in fp32 once, at the end, all chunks' together.
         """
         if len(pairs) <= FIRST_SCORE_CHUNK_PAIRS:
             return self.score_encoded(self.encode(pairs), bulk=True)
         chunks = [pairs[start:end] for start, end in score_chunks(len(pairs))]
         scores: list[float] = []
+        near: list[int] = []
+        near_items: list[EncodedPair] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="structsim-tokenize") as tokenizer_thread:
             for encoded in tokenizer_thread.map(self.encode, chunks):
-                scores += self.score_encoded(encoded, bulk=True)
+                chunk_scores = self._score_in_precision(encoded, bulk=True)
+                chunk_near = self._near_thresholds(chunk_scores)
+                near += [len(scores) + index for index in chunk_near]
+                near_items += [encoded[index] for index in chunk_near]
+                scores += chunk_scores
+        self._rescore(near_items, near, scores)
         return scores
 
     def score_encoded(self, batch: Sequence[EncodedPair], *, bulk: bool = False) -> list[float]:
@@ -308,16 +332,23 @@ class Engine:
         GIL twice a chunk (the batcher's calls: the event loop wants it too); `bulk` (offline lists, where
         nothing else does) runs it op by op in larger forwards instead, ~1.2x the pairs/s alone on an H200.
         """
+        scores = self._score_in_precision(batch, bulk)
+        near = self._near_thresholds(scores)
+        self._rescore([batch[index] for index in near], near, scores)
+        return scores
+
+    def _score_in_precision(self, batch: Sequence[EncodedPair], bulk: bool) -> list[float]:
+        """The engine's own scores, before any exact-threshold rescoring."""
         for item in batch:
             if not 0 < len(item.input_ids) <= self._info.max_seq_len or len(item.token_type_ids) != len(item.input_ids):
                 raise ValueError(
                     f"an encoded pair has {len(item.input_ids)} ids and {len(item.token_type_ids)} type ids; "
                     f"this engine takes 1 to {self._info.max_seq_len} of each (encode with this engine)"
                 )
-        scores = self._score_packed(batch, bulk) if self._packed is not None else self._score_padded(batch, self._module)
-        if self._reference is not None:
-            self._rescore_near_thresholds(batch, scores)
-        return scores
+        if self._packed is not None:
+            with self._lock:
+                return self._run_packed(self._packed, list(batch), self.max_batch_tokens, use_graphs=self.cuda_graphs, bulk=bulk)
+        return self._score_padded(batch, self._module)
 
     def _score_padded(self, batch: Sequence[EncodedPair], module: BertSimilarity) -> list[float]:
         scores = [0.0] * len(batch)
@@ -335,16 +366,26 @@ class Engine:
                 scores[index] = score
         return scores
 
-    def _rescore_near_thresholds(self, batch: Sequence[EncodedPair], scores: list[float]) -> None:
-        """Replace, in place, the scores within `threshold_margin` of an exact threshold by fp32's."""
+    def _near_thresholds(self, scores: Sequence[float]) -> list[int]:
+        """The indices of the scores within `threshold_margin` of an exact threshold (none without a reference)."""
+        if self._reference is None:
+            return []
         margin = self.threshold_margin
-        near = [i for i, score in enumerate(scores) if any(abs(score - t) <= margin for t in self.exact_thresholds)]
-        if not near:
+        return [i for i, score in enumerate(scores) if any(abs(score - t) <= margin for t in self.exact_thresholds)]
+
+    def _rescore(self, items: list[EncodedPair], indices: list[int], scores: list[float]) -> None:
+        """Replace, in place, scores[indices] by fp32's scores of `items`."""
+        if not items:
             return
         assert self._reference is not None
-        for index, score in zip(near, self._score_padded([batch[i] for i in near], self._reference), strict=True):
+        if self._reference_packed is not None:
+            with self._lock:
+                rescored = self._run_packed(self._reference_packed, items, self.max_batch_tokens, use_graphs=False, bulk=True)
+        else:
+            rescored = self._score_padded(items, self._reference)
+        for index, score in zip(indices, rescored, strict=True):
             scores[index] = score
-        self.rescored_pairs += len(near)
+        self.rescored_pairs += len(items)
 
     def warmup(self) -> None:
         """Run one pair at every bucket length, so no request meets a first-call outlier (cuDNN/cuBLAS
@@ -352,44 +393,40 @@ class Engine:
         reference of `exact_thresholds` too."""
         cls_id, sep_id = self._tokenizer.cls_id, self._tokenizer.sep_id
         padded_modules = [self._module] if self._packed is None else []  # the packed path warms up below
-        if self._reference is not None:
+        if self._reference is not None and self._reference_packed is None:
             padded_modules.append(self._reference)
         for module in padded_modules:
             for length in self.buckets:
                 ids = [cls_id] + [sep_id] * (length - 1)
                 self._score_splitting([EncodedPair(ids, [0] * length)], length, module)
-        if self._packed is not None:
-            with self._lock:
-                if self.cuda_graphs:
-                    self._packed.capture_all()
-                # the eager path's first calls: each attention tile size (triton_attention.tiles_for) built
+        executors = [executor for executor in (self._packed, self._reference_packed) if executor is not None]
+        with self._lock:
+            if self._packed is not None and self.cuda_graphs:
+                self._packed.capture_all()
+            # the eager path's first calls: each attention tile size (triton_attention.tiles_for) built
+            for executor in executors:
                 for length in (8, 32, 64, self._info.max_seq_len):
                     ids = [cls_id] + [sep_id] * (length - 1)
-                    self._packed.run(
+                    executor.run(
                         [EncodedPair(ids, [0] * length)] * 80,
                         max_tokens=self.max_batch_tokens,
                         max_pairs=self.max_batch_size,
                         use_graphs=False,
                     )
 
-    def _score_packed(self, batch: Sequence[EncodedPair], bulk: bool) -> list[float]:
-        with self._lock:
-            return self._run_packed(list(batch), self.max_batch_tokens, bulk)
-
-    def _run_packed(self, items: list[EncodedPair], max_tokens: int, bulk: bool) -> list[float]:
+    def _run_packed(
+        self, executor: PackedExecutor, items: list[EncodedPair], max_tokens: int, *, use_graphs: bool, bulk: bool
+    ) -> list[float]:
         """One packed call; on CUDA OOM empty the cache and retry with half the tokens per forward."""
-        assert self._packed is not None
         try:
-            return self._packed.run(
-                items, max_tokens=max_tokens, max_pairs=self.max_batch_size, use_graphs=self.cuda_graphs, bulk=bulk
-            )
+            return executor.run(items, max_tokens=max_tokens, max_pairs=self.max_batch_size, use_graphs=use_graphs, bulk=bulk)
         except torch.cuda.OutOfMemoryError:
             longest = max(len(item.input_ids) for item in items)
             if max_tokens <= longest:  # the forward that failed held the longest pair alone
                 raise self._single_pair_oom(longest) from None
         # Retried outside the except block, so the failed attempt's tensors (held by its traceback) are freed.
         torch.cuda.empty_cache()
-        return self._run_packed(items, max_tokens // 2, bulk)
+        return self._run_packed(executor, items, max_tokens // 2, use_graphs=use_graphs, bulk=bulk)
 
     def _score_splitting(self, items: list[EncodedPair], padded: int, module: BertSimilarity) -> list[float]:
         """Forward one sub-batch; on CUDA OOM retry its halves (each padded to its own bucket)."""

@@ -18,7 +18,9 @@ from similarity_service.precision import (
     torch_dtype,
 )
 from similarity_service.model import load_model, resolve_model
-from similarity_service.runner import Engine
+from similarity_service.packed import reference_varlen_attention
+from similarity_service.packed_executor import PackedExecutor
+from similarity_service.runner import FIRST_SCORE_CHUNK_PAIRS, Engine
 
 
 @pytest.mark.parametrize(
@@ -109,10 +111,12 @@ def test_engine_auto_precision_on_cpu_is_fp32(tiny_model_dir: Path) -> None:
     assert engine.info.precision == "fp32"
 
 
+@pytest.mark.parametrize("packed_reference", [False, True], ids=["padded-fp32", "packed-fp32"])
 def test_pairs_near_an_exact_threshold_take_fp32_scores_and_no_decision_flips(
-    tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]]
+    tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]], packed_reference: bool
 ) -> None:
-    """bf16 weights on the CPU stand in for a lossy precision (Engine.load runs only fp32 on the CPU)."""
+    """bf16 weights on the CPU stand in for a lossy precision (Engine.load runs only fp32 on the CPU). The fp32
+    copy rescores padded, or packed as Engine.load sets it up where the engine's own path is packed (CUDA)."""
     fp32 = Engine.load(tiny_model_dir, device="cpu", precision="fp32")
     reference = fp32.score(chinese_pairs)
     lossy = load_model(resolve_model(tiny_model_dir)).module.to(torch.bfloat16).keep_head_fp32()
@@ -126,6 +130,11 @@ def test_pairs_near_an_exact_threshold_take_fp32_scores_and_no_decision_flips(
             max_batch_tokens=32_768,
             bucket_multiple=16,
             reference=fp32._module,  # noqa: SLF001 - the fp32 copy Engine.load would make
+            reference_packed=PackedExecutor(
+                fp32._module, torch.device("cpu"), reference_varlen_attention, max_seq_len=512, latency_kernels=False  # noqa: SLF001
+            )
+            if packed_reference
+            else None,
             exact_thresholds=thresholds,
             threshold_margin=margin,
         )
@@ -143,6 +152,11 @@ def test_pairs_near_an_exact_threshold_take_fp32_scores_and_no_decision_flips(
         assert score == (pytest.approx(reference[i], abs=1e-6) if i in near else plain[i])
     assert [score >= threshold for score in got] == [score >= threshold for score in reference]
     assert exact.score([chinese_pairs[min(near)]]) == pytest.approx([reference[min(near)]], abs=1e-6)  # alone too
+    # a list long enough to be scored chunk by chunk: its near pairs are rescored once, together, at the end
+    copies = FIRST_SCORE_CHUNK_PAIRS // len(chinese_pairs) + 2
+    before = exact.rescored_pairs
+    assert exact.score(chinese_pairs * copies) == pytest.approx(got * copies, abs=1e-6)
+    assert exact.rescored_pairs - before == copies * len(near)
 
 
 def test_exact_thresholds_are_checked_and_change_nothing_in_fp32(

@@ -80,3 +80,12 @@ def test_packed_fp16_forward_with_it_scores_as_fp32(tiny_model_dir: Path, chines
         expected = packed_probabilities(PackedWeights.of(fp32), *rows, offsets, cls, max_len, reference_varlen_attention)
         got = packed_probabilities(PackedWeights.of(fp16), *rows, offsets, cls, max_len, varlen_attention)
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+
+
+def test_fp32_inputs_attend_in_full_fp32() -> None:
+    """The fp32 copy that rescores pairs near an exact threshold uses this kernel too: no tf32 rounding."""
+    lengths = [9, 70, 33]
+    q, k, v, cu = (t.float() if t.is_floating_point() else t for t in _qkv(lengths))
+    got = launch(q, k, v, cu, cu, max(lengths), max(lengths))
+    expected = reference_varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
