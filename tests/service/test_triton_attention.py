@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,13 @@ from similarity_service.packed_executor import pack
 from similarity_service.tokenization import PairTokenizer
 
 pytest.importorskip("triton")  # a dev dependency on Linux x86_64, where CI runs
-from similarity_service.triton_attention import Tiles, launch, tiles_for, varlen_attention  # noqa: E402
+from similarity_service.triton_attention import (  # noqa: E402
+    Tiles,
+    checked_against,
+    launch,
+    tiles_for,
+    varlen_attention,
+)
 
 
 def _qkv(lengths: list[int], heads: int = 2, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,3 +96,17 @@ def test_fp32_inputs_attend_in_full_fp32() -> None:
     got = launch(q, k, v, cu, cu, max(lengths), max(lengths))
     expected = reference_varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_the_load_time_check_keeps_the_kernel_only_where_it_agrees(caplog: pytest.LogCaptureFixture) -> None:
+    """Engine.load checks the kernel against the library's attention on the device; a kernel that differs (or
+    fails to build) leaves the library's in place, with a warning."""
+    cpu = torch.device("cpu")
+    assert checked_against(reference_varlen_attention, cpu, torch.float32, 1e-4) is varlen_attention
+
+    def wrong(*args: object) -> torch.Tensor:
+        return torch.zeros_like(reference_varlen_attention(*args))  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.WARNING):
+        assert checked_against(wrong, cpu, torch.float32, 1e-4) is wrong
+    assert "differs from wrong" in caplog.text
