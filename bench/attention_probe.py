@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from kernels_probe import timed
 from provenance import git_commit
 from workload import distinct_copies
 
@@ -41,17 +41,8 @@ SWEEP = [
 
 
 def timed_ms(fn, reps: int) -> float:
-    """Median device ms of fn() over reps, each between CUDA events."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median device ms of fn() over reps (kernels_probe's CUDA-event timer)."""
+    return timed(fn, reps) * 1e3
 
 
 def main() -> None:
