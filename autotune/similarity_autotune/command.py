@@ -48,6 +48,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--max-seq-len", type=_bounded(int, 8, 512), default=None, help="tokens per pair [STRUCTSIM_MAX_SEQ_LEN; default 512]"
     )
     model.add_argument(
+        "--exact-thresholds",
+        default=None,
+        help="decision thresholds, comma-separated (e.g. 0.5,0.8), at which fp16/bf16/tf32 decide as fp32: pairs "
+        "scored near one are scored again in fp32, in the accuracy guard and the trials alike "
+        "[STRUCTSIM_EXACT_THRESHOLDS; default unset]",
+    )
+    model.add_argument(
         "--gpu-product",
         default=None,
         help="the node's nvidia.com/gpu.product label, recorded in the profile (default: derived from the GPU name)",

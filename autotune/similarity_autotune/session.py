@@ -44,7 +44,17 @@ from similarity_autotune.study import (
 
 
 # Serving settings a session takes from flags or the environment exactly as `serve` does.
-SHARED_SETTINGS = ("model", "revision", "cache_dir", "offline", "device", "max_seq_len", "max_batch_tokens", "max_queue_pairs")
+SHARED_SETTINGS = (
+    "model",
+    "revision",
+    "cache_dir",
+    "offline",
+    "device",
+    "max_seq_len",
+    "exact_thresholds",
+    "max_batch_tokens",
+    "max_queue_pairs",
+)
 
 
 class TuneInputError(ValueError):
@@ -66,6 +76,7 @@ class TuneOptions:
     offline: bool | None = None
     device: str | None = None
     max_seq_len: int | None = None
+    exact_thresholds: str | None = None  # "0.5,0.8"; validated by `Settings`
     # Autotune's own.
     gpu_product: str | None = None
     precision: str = "auto"
@@ -165,7 +176,10 @@ def tune(
         except (ModelLoadError, PrecisionError, DeviceError, CorpusFormatError, OSError, ValueError) as exc:
             raise TuneInputError(str(exc)) from exc
 
-        print(_describe(hardware, info.model_id, info.fingerprint, space.precisions), file=stream)
+        print(
+            _describe(hardware, info.model_id, info.fingerprint, space.precisions, service.exact_threshold_values),
+            file=stream,
+        )
         name = study_name(
             hardware,
             fingerprint=info.fingerprint,
@@ -174,6 +188,7 @@ def tune(
             space=space,
             guard=guard,
             workload_digest=_digest(workload),
+            exact_thresholds=service.exact_threshold_values,
         )
         study = open_study(open_storage(options.storage), name, seed=options.seed)
         resumed = len(study.trials)
@@ -250,6 +265,9 @@ def engine_loader(service: Settings, stream: TextIO) -> EngineLoader:
             precision=precision,
             device=service.device,
             max_seq_len=service.max_seq_len,
+            # Pairs near these are rescored in fp32, as in the pods: the accuracy guard sees the decisions
+            # they serve and every trial pays the rescoring they pay.
+            exact_thresholds=service.exact_threshold_values,
         )
         engine.warmup()
         return engine
@@ -266,7 +284,13 @@ def _digest(pairs: list[tuple[str, str]]) -> str:
     return hashlib.sha256(msgspec.json.encode(pairs)).hexdigest()[:12]
 
 
-def _describe(hardware: Hardware, model_id: str, fingerprint: str, precisions: tuple[str, ...]) -> str:
+def _describe(
+    hardware: Hardware,
+    model_id: str,
+    fingerprint: str,
+    precisions: tuple[str, ...],
+    exact_thresholds: tuple[float, ...],
+) -> str:
     if hardware.device == "cuda":
         where = (
             f"{hardware.name} (compute capability {hardware.compute_capability}, "
@@ -274,4 +298,7 @@ def _describe(hardware: Hardware, model_id: str, fingerprint: str, precisions: t
         )
     else:
         where = f"{hardware.name} ({hardware.cpu_cores} cores)"
-    return f"tuning {model_id} [{fingerprint[:12]}] on {where}; precisions: {', '.join(precisions)}"
+    line = f"tuning {model_id} [{fingerprint[:12]}] on {where}; precisions: {', '.join(precisions)}"
+    if exact_thresholds:
+        line += f"; exact thresholds: {', '.join(f'{threshold:g}' for threshold in exact_thresholds)}"
+    return line

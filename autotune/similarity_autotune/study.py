@@ -4,9 +4,10 @@ Storage: an embedded SQLite file under the user cache by default; any Optuna RDB
 (`postgresql://…`, `mysql+pymysql://…`, `sqlite:///…`) shares a study between machines; any other path
 is an Optuna journal file (safe on NFS-style volumes). The study is named by what makes its results
 valid: device product, model fingerprint (weights, config and max length), the SLO, and a hash of the
-rest (search ranges, accuracy tolerance, workload), so rerunning the same command resumes it and
-changing any of those starts a new one. The untuned default config is enqueued first (trial 0 of a
-new study), so the best found is never worse than the default; no feasible config is a result.
+rest (search ranges, accuracy tolerance, workload, exact thresholds if any), so rerunning the same
+command resumes it and changing any of those starts a new one. The untuned default config is enqueued
+first (trial 0 of a new study), so the best found is never worse than the default; no feasible config
+is a result.
 """
 
 from __future__ import annotations
@@ -77,9 +78,12 @@ def study_name(
     space: SearchSpace,
     guard: AccuracyGuard,
     workload_digest: str,
+    exact_thresholds: tuple[float, ...] = (),
 ) -> str:
     """`structsim-<product>-<fingerprint>-len<L>-p99-<X>ms-<hash of the rest>`."""
     rest = f"{space.key()}|{guard.max_abs_error!r}|{guard.threshold!r}|{workload_digest}"
+    if exact_thresholds:  # only when set, so studies run without them keep their names (and resume)
+        rest += f"|exact={sorted(set(exact_thresholds))!r}"
     digest = hashlib.sha256(rest.encode()).hexdigest()[:8]
     product = re.sub(r"[^A-Za-z0-9._-]+", "-", hardware.product)
     return f"structsim-{product}-{fingerprint[:16]}-len{max_seq_len}-p99-{slo_p99_ms:g}ms-{digest}"

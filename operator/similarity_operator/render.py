@@ -253,7 +253,8 @@ def _models_volume(spec: Spec) -> dict[str, Any]:
 
 
 def _exact_threshold_args(spec: Spec) -> list[str]:
-    """serve's --exact-thresholds, only when the spec names some (so other specs' pods keep their args)."""
+    """serve's and autotune's --exact-thresholds, only when the spec names some (so other specs' pods and
+    tune Jobs keep their args)."""
     if not spec.exact_thresholds:
         return []
     return ["--exact-thresholds", ",".join(f"{threshold:.6f}".rstrip("0") for threshold in spec.exact_thresholds)]
@@ -387,6 +388,8 @@ def tune_args(spec: Spec, hardware: str) -> list[str]:
         args += ["--max-batch-size", str(spec.batching.max_batch_size)]
     if spec.batching.max_wait_ms != "auto":
         args += ["--max-wait-ms", str(spec.batching.max_wait_ms)]
+    # Tuned as served: the accuracy guard sees the decisions fp32 rescoring fixes, trials pay its cost.
+    args += _exact_threshold_args(spec)
     args += [
         "--trials",
         str(spec.autotune.trials),

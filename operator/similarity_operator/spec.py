@@ -90,7 +90,8 @@ class Spec(_Struct, frozen=True):
     gpus_per_pod: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     precision: PrecisionPolicy = "auto"
     batching: Batching = msgspec.field(default_factory=Batching)
-    # serve's --exact-thresholds: decisions at these are fp32's (pairs near one are scored again in fp32)
+    # serve's and autotune's --exact-thresholds: decisions at these are fp32's (pairs near one are scored
+    # again in fp32)
     exact_thresholds: Annotated[list[Annotated[float, msgspec.Meta(ge=1e-6, le=0.999999)]], msgspec.Meta(max_length=16)] = []
     autotune: Autotune = msgspec.field(default_factory=Autotune)
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 80
@@ -167,13 +168,14 @@ def _check_labels(selector: Mapping[str, str]) -> None:
 
 
 def fingerprint(spec: Spec) -> str:
-    """What a tuned profile is valid for: model, revision, precision policy, pinned batching, SLO.
+    """What a tuned profile is valid for: model, revision, precision policy, pinned batching, SLO, exact
+    thresholds (they change the accuracy guard's verdict and each trial's cost).
 
     The trial budget and the image are left out on purpose: more trials or a new image tag refine
     the same question, they do not change it. Offline mode is left out too: it changes where the
     weights come from, not which weights they are.
     """
-    key = {
+    key: dict[str, object] = {
         "model": spec.model.id,
         "revision": spec.model.revision,
         "precision": spec.precision,
@@ -183,6 +185,8 @@ def fingerprint(spec: Spec) -> str:
         "maxAbsError": float(spec.autotune.max_abs_error),
         "threshold": float(spec.autotune.threshold),
     }
+    if spec.exact_thresholds:  # only when set, so other resources keep their fingerprints (and profiles)
+        key["exactThresholds"] = sorted({float(threshold) for threshold in spec.exact_thresholds})
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -91,6 +91,23 @@ def test_an_impossible_slo_is_no_feasible_config(autotune: Autotune, tmp_path: P
     assert not (tmp_path / "profile.json").exists()
 
 
+def test_exact_thresholds_tune_a_study_of_their_own(autotune: Autotune, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert autotune(trials=1, max_batch_size=4) == 0
+    assert "exact thresholds" not in capsys.readouterr().err
+    assert autotune(trials=1, max_batch_size=4, exact_thresholds="0.5,0.8") == 0
+    err = capsys.readouterr().err
+    assert "exact thresholds: 0.5, 0.8" in err and "resuming" not in err  # not the study tuned without them
+    assert len(optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")) == 2
+
+
+def test_bad_exact_thresholds_are_a_usage_error(autotune: Autotune, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert autotune(trials=1, exact_thresholds="0.5,1.5") == 2
+    assert "--exact-thresholds" in capsys.readouterr().err
+    monkeypatch.setenv("STRUCTSIM_EXACT_THRESHOLDS", "half")
+    assert autotune(trials=1) == 2
+    assert "STRUCTSIM_EXACT_THRESHOLDS='half'" in capsys.readouterr().err
+
+
 def test_a_precision_the_device_cannot_run_is_a_usage_error(autotune: Autotune, capsys: pytest.CaptureFixture[str]) -> None:
     assert autotune(trials=1, precision="fp16") == 2
     assert "fp16 is not available on the CPU" in capsys.readouterr().err

@@ -1,7 +1,8 @@
-"""Study storage, names and the serving settings a session shares with `structsim serve`."""
+"""Study storage, names, and the serving settings (and engines) a session shares with `structsim serve`."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import optuna
@@ -10,7 +11,7 @@ from optuna.storages import JournalStorage, RDBStorage
 
 from similarity_autotune.accuracy import AccuracyGuard
 from similarity_autotune.hardware import Hardware
-from similarity_autotune.session import TuneInputError, TuneOptions, service_settings
+from similarity_autotune.session import TuneInputError, TuneOptions, engine_loader, service_settings
 from similarity_autotune.space import SearchSpace
 from similarity_autotune.study import open_storage, open_study, study_name
 
@@ -45,6 +46,16 @@ def test_the_study_name_says_what_its_results_are_valid_for() -> None:
         assert _name(**change) != name, change
 
 
+def test_exact_thresholds_name_a_new_study_and_their_absence_keeps_the_old_name() -> None:
+    # The name from before exact thresholds existed: studies tuned without them still resume.
+    old = "structsim-NVIDIA-H100-80GB-HBM3-0123456789abcdef-len512-p99-50ms-cadb999d"
+    assert _name() == _name(exact_thresholds=()) == old
+    exact = _name(exact_thresholds=(0.5, 0.8))
+    assert exact != old and exact.startswith(old[: -len("cadb999d")])
+    assert _name(exact_thresholds=(0.8, 0.5)) == exact  # the same thresholds, another order: the same question
+    assert _name(exact_thresholds=(0.5,)) != exact
+
+
 @pytest.mark.parametrize(
     ("where", "kind"),
     [("study.db", RDBStorage), ("nested/dir/study.sqlite", RDBStorage), ("study.journal", JournalStorage)],
@@ -76,3 +87,22 @@ def test_serving_settings_come_from_flags_then_structsim_variables() -> None:
     assert (settings.model, settings.cache_dir, settings.max_seq_len, settings.max_queue_pairs) == ("/m", "/models", 64, 512)
     with pytest.raises(TuneInputError, match="STRUCTSIM_MAX_SEQ_LEN"):
         service_settings(TuneOptions(), {"STRUCTSIM_MAX_SEQ_LEN": "many"})
+
+
+def test_exact_thresholds_come_from_the_flag_then_the_structsim_variable() -> None:
+    env = {"STRUCTSIM_EXACT_THRESHOLDS": "0.5,0.8"}
+    assert service_settings(TuneOptions(), {}).exact_threshold_values == ()
+    assert service_settings(TuneOptions(), env).exact_threshold_values == (0.5, 0.8)
+    assert service_settings(TuneOptions(exact_thresholds=".7"), env).exact_threshold_values == (0.7,)
+    with pytest.raises(TuneInputError, match="--exact-thresholds"):
+        service_settings(TuneOptions(exact_thresholds="0.5,1.5"), {})
+    with pytest.raises(TuneInputError, match="STRUCTSIM_EXACT_THRESHOLDS"):
+        service_settings(TuneOptions(), {"STRUCTSIM_EXACT_THRESHOLDS": "half"})
+
+
+def test_engines_load_with_the_exact_thresholds_serve_would_use(tiny_model_dir: Path) -> None:
+    options = TuneOptions(model=str(tiny_model_dir), device="cpu", max_seq_len=64)
+    progress = io.StringIO()
+    load = engine_loader(service_settings(options, {"STRUCTSIM_EXACT_THRESHOLDS": "0.5,0.8"}), progress)
+    assert load("fp32").exact_thresholds == (0.5, 0.8)  # recorded; in fp32 there is nothing to rescore
+    assert engine_loader(service_settings(options, {}), progress)("fp32").exact_thresholds == ()

@@ -225,18 +225,21 @@ def test_offline_reaches_both_pods_and_nothing_else() -> None:
         assert {k: v for k, v in off.items() if k != "args"} == {k: v for k, v in on.items() if k != "args"}
 
 
-def test_exact_thresholds_reach_the_serving_pods_only_when_named() -> None:
+def test_exact_thresholds_reach_the_serving_pods_and_the_tune_job_only_when_named() -> None:
     def serve_args(spec: Any) -> list[str]:
         config = render.serving(spec, H100, None, None)
         return container(render.render_daemonset(OWNER, spec, H100.labels[0], config, "cm"))["args"]
 
-    plain = serve_args(parse_spec(SPEC))
-    assert "--exact-thresholds" not in plain  # other specs' pods keep their args: no rollout on upgrade
-    named = serve_args(parse_spec({**SPEC, "exactThresholds": [0.7, 0.9]}))
-    at = named.index("--exact-thresholds")
-    assert named[at + 1] == "0.7,0.9" and named[:at] + named[at + 2 :] == plain
-    job = container(render.render_job(OWNER, parse_spec({**SPEC, "exactThresholds": [0.7]}), H100, "f", 1))
-    assert "--exact-thresholds" not in job["args"]  # tuning measures the served precision without it
+    def job_args(spec: Any) -> list[str]:
+        return container(render.render_job(OWNER, spec, H100, fingerprint(spec), 1))["args"]
+
+    plain, named = parse_spec(SPEC), parse_spec({**SPEC, "exactThresholds": [0.5, 0.8]})
+    for args in (serve_args, job_args):
+        # Other specs' pods and Jobs keep their args: no rollout on upgrade.
+        assert "--exact-thresholds" not in args(plain)
+        at = args(named).index("--exact-thresholds")
+        assert args(named)[at : at + 2] == ["--exact-thresholds", "0.5,0.8"]
+        assert args(named)[:at] + args(named)[at + 2 :] == args(plain)
 
 
 def test_one_gpu_per_pod_renders_no_devices_flag() -> None:
@@ -320,6 +323,7 @@ def test_rendered_args_parse_with_the_real_serve_and_autotune() -> None:
         "/models",
     )
     assert (options.gpu_product, options.max_batch_size) == (H100.hardware, 16)
+    assert settings.exact_threshold_values == (0.5, 0.000125)  # tuned as served
 
 
 @pytest.mark.parametrize("kube_version", ["1.29.0", "1.37.0"])

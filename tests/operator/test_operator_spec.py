@@ -104,6 +104,7 @@ def test_pinning_and_tuning() -> None:
         {"autotune": {"p99Ms": 20}},
         {"autotune": {"maxAbsError": 0.01}},
         {"autotune": {"threshold": 0.5}},
+        {"exactThresholds": [0.5, 0.8]},  # the tune Job rescores near them, as the pods do
     ],
 )
 def test_the_fingerprint_changes_with_what_a_profile_depends_on(patch: dict[str, Any]) -> None:
@@ -120,11 +121,21 @@ def test_the_fingerprint_changes_with_what_a_profile_depends_on(patch: dict[str,
         {"nodeSelector": {"pool": "a"}},
         {"batching": {"maxBatchSize": "auto"}},  # the default, spelled out
         {"model": {"id": MODEL, "cache": {"pvc": "models"}, "offline": True}},  # where from, not which weights
+        {"exactThresholds": []},  # the default, spelled out
     ],
 )
 def test_the_fingerprint_ignores_what_does_not_change_the_question(patch: dict[str, Any]) -> None:
     assert fingerprint(parse_spec({**MINIMAL, **patch})) == fingerprint(parse_spec(MINIMAL))
     assert len(fingerprint(parse_spec(MINIMAL))) == 16
+
+
+def test_fingerprints_of_specs_without_exact_thresholds_are_what_they_were() -> None:
+    # Computed before exactThresholds joined the fingerprint: existing resources keep their tuned profiles.
+    assert fingerprint(parse_spec(MINIMAL)) == "716a03e5cc04ceb0"
+    assert fingerprint(parse_spec({**MINIMAL, "precision": "fp16", "autotune": {"threshold": 0.5}})) == "41a8ad8f93a6cc3a"
+    # The same thresholds in another order (or repeated) ask the same question.
+    exact = fingerprint(parse_spec({**MINIMAL, "exactThresholds": [0.5, 0.8]}))
+    assert fingerprint(parse_spec({**MINIMAL, "exactThresholds": [0.8, 0.5, 0.5]})) == exact
 
 
 def test_the_profile_autotune_writes_is_accepted() -> None:
