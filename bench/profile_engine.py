@@ -135,7 +135,7 @@ def main() -> None:
     report["sub_batches"] = len(ranges)
     with torch.inference_mode():  # as `run` does
         report["run_eager_ms"] = timed(
-            lambda: executor._run_eager(ordered, engine.max_batch_tokens, engine.max_batch_size), 3
+            lambda: executor._launch_eager(ordered, engine.max_batch_tokens, engine.max_batch_size).cpu(), 3
         )
 
     # device-resident inputs: the forwards alone

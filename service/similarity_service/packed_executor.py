@@ -190,6 +190,22 @@ def split_by_tokens(cu: np.ndarray, max_tokens: int, max_pairs: int) -> list[tup
     return ranges
 
 
+class PendingScores:
+    """Scores of launched forwards, on the device in length order: `collect` waits for them and puts them back
+    in the caller's order."""
+
+    def __init__(self, order: list[int], sorted_scores: torch.Tensor) -> None:
+        self._order = order
+        self._sorted_scores = sorted_scores
+
+    def collect(self) -> list[float]:
+        sorted_scores = self._sorted_scores.cpu().tolist()
+        scores = [0.0] * len(self._order)
+        for position, index in enumerate(self._order):
+            scores[index] = sorted_scores[position]
+        return scores
+
+
 class PackedExecutor:
     """Packed forwards of one model on one device. Not thread-safe: the engine serializes calls.
 
@@ -256,13 +272,16 @@ class PackedExecutor:
                 ranges = self._graph_ranges(items, max_tokens, max_pairs)
                 if len(ranges) == 1 or not bulk:
                     return self._replay_chunks(items, ranges)
-            # Length-sorted sub-batches: each forward's longest pair sets its attention grid (max_len).
-            order = sorted(range(len(items)), key=lambda index: len(items[index].input_ids))
-            sorted_scores = self._run_eager([items[index] for index in order], max_tokens, max_pairs)
-        scores = [0.0] * len(items)
-        for position, index in enumerate(order):
-            scores[index] = sorted_scores[position]
-        return scores
+            return self.launch_bulk(items, max_tokens=max_tokens, max_pairs=max_pairs).collect()
+
+    def launch_bulk(self, items: Sequence[EncodedPair], *, max_tokens: int, max_pairs: int) -> PendingScores:
+        """Launch op-by-op forwards of `items` (at least one) in length-sorted sub-batches and return without
+        waiting for them: `Engine.score` tokenizes and launches the next chunk while the device runs this one.
+        Raises torch.cuda.OutOfMemoryError as it comes."""
+        # Length-sorted sub-batches: each forward's longest pair sets its attention grid (max_len).
+        order = sorted(range(len(items)), key=lambda index: len(items[index].input_ids))
+        with torch.inference_mode():
+            return PendingScores(order, self._launch_eager([items[index] for index in order], max_tokens, max_pairs))
 
     def _call(self, block: torch.Tensor, cu: torch.Tensor, max_len: int, *, latency: bool = False) -> torch.Tensor:
         sequences = cu.numel()
@@ -285,9 +304,9 @@ class PackedExecutor:
             self._forward = packed_probabilities
             return packed_probabilities(*args)
 
-    def _run_eager(self, items: Sequence[EncodedPair], max_tokens: int, max_pairs: int) -> list[float]:
-        """Forwards launched back to back, one read-back at the end. Each sub-batch is packed and copied
-        just before its launch, so the host packs the next one while the device runs this one."""
+    def _launch_eager(self, items: Sequence[EncodedPair], max_tokens: int, max_pairs: int) -> torch.Tensor:
+        """Forwards launched back to back; their scores on the device, not yet read back. Each sub-batch is
+        packed and copied just before its launch, so the host packs the next one while the device runs this one."""
         lengths, cu = lengths_and_offsets(items)
         outputs = []
         for start, end in split_by_tokens(cu, max_tokens, max_pairs):
@@ -301,7 +320,7 @@ class PackedExecutor:
             on_device = host.to(self._device, non_blocking=self._pin)
             max_len = int(lengths[start:end].max())
             outputs.append(self._call(on_device[: 3 * tokens].view(3, tokens), on_device[3 * tokens :], max_len))
-        return torch.cat(outputs).cpu().tolist()
+        return torch.cat(outputs)
 
     def _max_len(self, bucket: GraphBucket) -> int:
         # no sequence of a bucket is longer: real pairs are tokenized to max_seq_len, padding is cut to it

@@ -25,7 +25,7 @@ import copy
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -305,9 +305,10 @@ class Engine:
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """P(similar) for each (sentence1, sentence2) pair, in order.
 
-        A long list is tokenized chunk by chunk in a helper thread while the device scores the chunks
-        before it (the Rust tokenizer releases the GIL), so tokenizing costs little wall time. Pairs near an
-        exact threshold are scored again in fp32 once, at the end, all chunks' together.
+        A long list is tokenized chunk by chunk in a helper thread (the Rust tokenizer releases the GIL) and
+        each chunk's forwards are launched before the chunk before it is read back, so the device runs one
+        chunk while the host tokenizes and packs the next. Pairs near an exact threshold are scored again in
+        fp32 once, at the end, all chunks' together.
         """
         if len(pairs) <= FIRST_SCORE_CHUNK_PAIRS:
             return self.score_encoded(self.encode(pairs), bulk=True)
@@ -315,15 +316,43 @@ class Engine:
         scores: list[float] = []
         near: list[int] = []
         near_items: list[EncodedPair] = []
+
+        def read_back(encoded: list[EncodedPair], collect: Callable[[], list[float]]) -> None:
+            chunk_scores = collect()
+            chunk_near = self._near_thresholds(chunk_scores)
+            near.extend(len(scores) + index for index in chunk_near)
+            near_items.extend(encoded[index] for index in chunk_near)
+            scores.extend(chunk_scores)
+
+        in_flight: tuple[list[EncodedPair], Callable[[], list[float]]] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="structsim-tokenize") as tokenizer_thread:
             for encoded in tokenizer_thread.map(self.encode, chunks):
-                chunk_scores = self._score_in_precision(encoded, bulk=True)
-                chunk_near = self._near_thresholds(chunk_scores)
-                near += [len(scores) + index for index in chunk_near]
-                near_items += [encoded[index] for index in chunk_near]
-                scores += chunk_scores
+                launched = (encoded, self._launch_bulk(encoded))
+                if in_flight is not None:
+                    read_back(*in_flight)
+                in_flight = launched
+        if in_flight is not None:
+            read_back(*in_flight)
         self._rescore(near_items, near, scores)
         return scores
+
+    def _launch_bulk(self, batch: list[EncodedPair]) -> Callable[[], list[float]]:
+        """Start scoring `batch` in the engine's precision (op by op on the packed path, without waiting for
+        the device); the returned callable reads the scores back."""
+        if self._packed is None:
+            scores = self._score_in_precision(batch, bulk=True)
+            return lambda: scores
+        self._validate(batch)
+        try:
+            with self._lock:
+                pending = self._packed.launch_bulk(batch, max_tokens=self.max_batch_tokens, max_pairs=self.max_batch_size)
+        except torch.cuda.OutOfMemoryError:
+            pass  # scored below, with `_run_packed`'s smaller forwards
+        else:
+            return pending.collect
+        torch.cuda.empty_cache()
+        scores = self._score_in_precision(batch, bulk=True)
+        return lambda: scores
 
     def score_encoded(self, batch: Sequence[EncodedPair], *, bulk: bool = False) -> list[float]:
         """P(similar) for each encoded pair, in the order given; any number of pairs.
@@ -337,14 +366,17 @@ class Engine:
         self._rescore([batch[index] for index in near], near, scores)
         return scores
 
-    def _score_in_precision(self, batch: Sequence[EncodedPair], bulk: bool) -> list[float]:
-        """The engine's own scores, before any exact-threshold rescoring."""
+    def _validate(self, batch: Sequence[EncodedPair]) -> None:
         for item in batch:
             if not 0 < len(item.input_ids) <= self._info.max_seq_len or len(item.token_type_ids) != len(item.input_ids):
                 raise ValueError(
                     f"an encoded pair has {len(item.input_ids)} ids and {len(item.token_type_ids)} type ids; "
                     f"this engine takes 1 to {self._info.max_seq_len} of each (encode with this engine)"
                 )
+
+    def _score_in_precision(self, batch: Sequence[EncodedPair], bulk: bool) -> list[float]:
+        """The engine's own scores, before any exact-threshold rescoring."""
+        self._validate(batch)
         if self._packed is not None:
             with self._lock:
                 return self._run_packed(self._packed, list(batch), self.max_batch_tokens, use_graphs=self.cuda_graphs, bulk=bulk)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from similarity_service.engine_api import EncodedPair
-from similarity_service.runner import Engine
+from similarity_service.runner import FIRST_SCORE_CHUNK_PAIRS, Engine, score_chunks
 from similarity_service.model import load_model, resolve_model
 from similarity_service.packed import PackedWeights, packed_probabilities, reference_varlen_attention
 from similarity_service.packed_executor import (
@@ -242,3 +242,76 @@ def test_a_single_pair_is_laid_into_its_graph_input_as_any_batch_is(tiny_model_d
     assert graph_bucket(block.shape[1], 1, 512) == bucket
     executor._fill(block, cu, bucket)  # noqa: SLF001
     np.testing.assert_array_equal(fast, buffer[: bucket.input_size])
+
+
+def test_a_long_list_on_the_packed_path_launches_each_chunk_before_reading_the_last_back(
+    tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Engine.score` keeps one chunk on the device while it launches the next; the scores are those of one
+    `score_encoded` call, in order."""
+    fp32 = Engine.load(tiny_model_dir, device="cpu", precision="fp32")
+    executor = PackedExecutor(fp32._module, torch.device("cpu"), reference_varlen_attention, max_seq_len=512)  # noqa: SLF001
+    engine = Engine(
+        module=fp32._module,  # noqa: SLF001
+        tokenizer=fp32._tokenizer,  # noqa: SLF001
+        info=fp32.info,
+        max_batch_size=256,
+        max_batch_tokens=4096,
+        bucket_multiple=16,
+        packed=executor,
+        cuda_graphs=False,
+    )
+    events: list[str] = []
+    launch_bulk = executor.launch_bulk
+
+    def recording_launch(items: list[EncodedPair], **limits: int) -> object:
+        pending = launch_bulk(items, **limits)
+        chunk = sum(event.startswith("launch") for event in events)
+        events.append(f"launch {chunk}")
+
+        class Recorded:
+            def collect(self) -> list[float]:
+                events.append(f"collect {chunk}")
+                return pending.collect()
+
+        return Recorded()
+
+    monkeypatch.setattr(executor, "launch_bulk", recording_launch)
+    pairs = chinese_pairs * (4 * FIRST_SCORE_CHUNK_PAIRS // len(chinese_pairs))  # chunks of 256 and 512 pairs, then the rest
+    chunks = len(score_chunks(len(pairs)))
+    assert chunks >= 3
+    got = engine.score(pairs)
+    assert events == ["launch 0"] + [e for k in range(1, chunks) for e in (f"launch {k}", f"collect {k - 1}")] + [f"collect {chunks - 1}"]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(fp32.score_encoded(fp32.encode(pairs))), atol=1e-5, rtol=0)
+
+
+def test_a_chunk_whose_launch_runs_out_of_memory_is_scored_with_smaller_forwards(
+    tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fp32 = Engine.load(tiny_model_dir, device="cpu", precision="fp32")
+    executor = PackedExecutor(fp32._module, torch.device("cpu"), reference_varlen_attention, max_seq_len=512)  # noqa: SLF001
+    engine = Engine(
+        module=fp32._module,  # noqa: SLF001
+        tokenizer=fp32._tokenizer,  # noqa: SLF001
+        info=fp32.info,
+        max_batch_size=256,
+        max_batch_tokens=4096,
+        bucket_multiple=16,
+        packed=executor,
+        cuda_graphs=False,
+    )
+    launch_bulk = executor.launch_bulk
+    launches = []
+
+    def second_launch_fails(items: list[EncodedPair], **limits: int) -> object:
+        launches.append(len(items))
+        if len(launches) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return launch_bulk(items, **limits)
+
+    monkeypatch.setattr(executor, "launch_bulk", second_launch_fails)
+    pairs = chinese_pairs * (4 * FIRST_SCORE_CHUNK_PAIRS // len(chinese_pairs))
+    got = engine.score(pairs)
+    assert len(launches) == len(score_chunks(len(pairs))) + 1  # the failed chunk once more, through run()
+    assert launches[1] == launches[2]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(fp32.score_encoded(fp32.encode(pairs))), atol=1e-5, rtol=0)
