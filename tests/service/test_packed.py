@@ -244,12 +244,10 @@ def test_a_single_pair_is_laid_into_its_graph_input_as_any_batch_is(tiny_model_d
     np.testing.assert_array_equal(fast, buffer[: bucket.input_size])
 
 
-def test_a_long_list_on_the_packed_path_launches_each_chunk_before_reading_the_last_back(
-    tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`Engine.score` keeps one chunk on the device while it launches the next; the scores are those of one
-    `score_encoded` call, in order."""
-    fp32 = Engine.load(tiny_model_dir, device="cpu", precision="fp32")
+def _packed_cpu_engine(model_dir: Path) -> tuple[Engine, Engine, PackedExecutor]:
+    """The fp32 engine Engine.load makes on the CPU, the same model on a packed executor (per-sequence SDPA,
+    no graphs: the CUDA path's code on the CPU), and that executor."""
+    fp32 = Engine.load(model_dir, device="cpu", precision="fp32")
     executor = PackedExecutor(fp32._module, torch.device("cpu"), reference_varlen_attention, max_seq_len=512)  # noqa: SLF001
     engine = Engine(
         module=fp32._module,  # noqa: SLF001
@@ -261,6 +259,15 @@ def test_a_long_list_on_the_packed_path_launches_each_chunk_before_reading_the_l
         packed=executor,
         cuda_graphs=False,
     )
+    return fp32, engine, executor
+
+
+def test_a_long_list_on_the_packed_path_launches_each_chunk_before_reading_the_last_back(
+    tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Engine.score` keeps one chunk on the device while it launches the next; the scores are those of one
+    `score_encoded` call, in order."""
+    fp32, engine, executor = _packed_cpu_engine(tiny_model_dir)
     events: list[str] = []
     launch_bulk = executor.launch_bulk
 
@@ -288,18 +295,7 @@ def test_a_long_list_on_the_packed_path_launches_each_chunk_before_reading_the_l
 def test_a_chunk_whose_launch_runs_out_of_memory_is_scored_with_smaller_forwards(
     tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fp32 = Engine.load(tiny_model_dir, device="cpu", precision="fp32")
-    executor = PackedExecutor(fp32._module, torch.device("cpu"), reference_varlen_attention, max_seq_len=512)  # noqa: SLF001
-    engine = Engine(
-        module=fp32._module,  # noqa: SLF001
-        tokenizer=fp32._tokenizer,  # noqa: SLF001
-        info=fp32.info,
-        max_batch_size=256,
-        max_batch_tokens=4096,
-        bucket_multiple=16,
-        packed=executor,
-        cuda_graphs=False,
-    )
+    fp32, engine, executor = _packed_cpu_engine(tiny_model_dir)
     launch_bulk = executor.launch_bulk
     launches = []
 
