@@ -9,14 +9,15 @@ the caller's order. A CUDA out-of-memory error on a sub-batch empties the alloca
 retries the two halves, down to a single pair, before giving up with `EngineOOMError`.
 
 On CUDA in fp16/bf16 the engine runs packed instead (packed.py, packed_executor.py): no padding at
-all, variable-length flash attention, CUDA graphs for every batch of up to 16k tokens, optionally
-torch.compile; the sub-batches are cut by real tokens, launched back to back, and synchronized once at
-the end.
+all, variable-length attention (triton_attention.py, or flash attention), CUDA graphs for every batch of
+up to 16k tokens, optionally torch.compile; the sub-batches are cut by real tokens, launched back to back,
+and synchronized once at the end.
 
 With `exact_thresholds` (fp16/bf16/tf32 only), a pair whose score lies within the precision's error margin
 of one of those thresholds is scored again in fp32 by a second, fp32 copy of the model, so every decision
-at those thresholds is fp32's: low precision moves a score by ~1e-4 (at most 8.9e-4 over this project's
-corpus in fp16 on an H200), but a pair that close to a threshold can still flip.
+at those thresholds is fp32's: low precision moves a score by ~1e-4 (at most 9.1e-4 over this project's
+corpus in fp16 on an H200), but a pair that close to a threshold can still flip. Where the engine runs
+packed, the copy does too (one unpadded forward for a call's near pairs).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ DEFAULT_MAX_PACKED_PAIRS = 4_096
 # Precisions the flash varlen kernel takes.
 PACKED_PRECISIONS = ("fp16", "bf16")
 # How far from an exact threshold a score is re-checked in fp32: two to three times the largest error against fp32
-# measured on the project's corpus (fp16 8.9e-4, bf16 5.7e-3, tf32 7.3e-4 on an H200: docs/performance.md).
+# measured on the project's corpus (fp16 9.1e-4, bf16 5.7e-3, tf32 7.3e-4 on an H200: docs/performance.md).
 THRESHOLD_MARGINS = {"fp16": 2e-3, "tf32": 2e-3, "bf16": 1.5e-2}
 
 
