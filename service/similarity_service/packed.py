@@ -1,8 +1,8 @@
 """The unpadded ("packed") forward: every pair's tokens end to end in one [T, H] tensor, no padding.
 
 Length-sorted padded batches still spend matmul work on pad tokens and need a mask; packing spends
-none: every matmul runs on exactly the tokens there are, and attention is variable-length flash
-attention over cumulative sequence offsets (`cu_seqlens`). The last layer computes only each pair's
+none: every matmul runs on exactly the tokens there are, and attention is variable-length attention
+over cumulative sequence offsets (`cu_seqlens`). The last layer computes only each pair's
 [CLS] row (queries, output projection, FFN and LayerNorms), since nothing else is read.
 
 Precision: matmuls and attention run in the model's dtype (fp16/bf16); the pooler and the head run
@@ -10,7 +10,8 @@ in fp32, and so, with `residual_fp32`, do the residual stream and the LayerNorms
 Rounding the residual sum to fp16 after every block is the main source of fp16's error against fp32;
 keeping it in fp32 costs elementwise bandwidth (bench/perf.py measures both).
 
-The attention kernel is PyTorch's `varlen_attn` (CUDA, fp16/bf16). `reference_varlen_attention` is
+The attention kernel is triton_attention.py's (tiles sized to short sequences), or PyTorch's flash
+`varlen_attn` (CUDA, fp16/bf16) where Triton is missing or fails its check. `reference_varlen_attention` is
 the same function spelled with per-sequence SDPA, so the packing logic is tested on the CPU.
 """
 
