@@ -49,10 +49,17 @@ log = logging.getLogger(__name__)
 
 ANNOTATION_REPORTED = "structsim.io/reported"
 
-# Maps the operator owns outright: keys others add there are removed.
+# Maps the operator owns outright: keys others add there are removed. A container's resources too, so
+# a request or limit dropped from the spec leaves the pods (the API server adds none to a pod template).
+_RESOURCES = ("spec", "template", "spec", "containers", drift.EACH, "resources")
 _EXACT: dict[str, tuple[drift.Path, ...]] = {
     "ConfigMap": (("data",),),
-    "DaemonSet": (("spec", "template", "spec", "nodeSelector"),),
+    "DaemonSet": (
+        ("spec", "template", "spec", "nodeSelector"),
+        _RESOURCES,
+        (*_RESOURCES, "requests"),
+        (*_RESOURCES, "limits"),
+    ),
     "Service": (("spec", "selector"),),
 }
 

@@ -277,6 +277,13 @@ def _tolerations(spec: Spec) -> list[dict[str, Any]]:
     return [msgspec.to_builtins(toleration) for toleration in spec.tolerations]
 
 
+def _resources(spec: Spec, gpus_: int) -> dict[str, Any]:
+    """The spec's requests and limits plus the GPUs, in limits only (a GPU request defaults to its limit)."""
+    resources: dict[str, Any] = {"requests": dict(spec.resources.requests)} if spec.resources.requests else {}
+    resources["limits"] = {**spec.resources.limits, gpus.GPU_RESOURCE: str(gpus_)}
+    return resources
+
+
 def _container_base(spec: Spec, name: str, args: list[str]) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": name,
@@ -331,7 +338,7 @@ def render_daemonset(owner: Owner, spec: Spec, product_label: str, config: Servi
                 "periodSeconds": 10,
                 "failureThreshold": 60,
             },
-            "resources": {"limits": {gpus.GPU_RESOURCE: str(spec.gpus_per_pod)}},
+            "resources": _resources(spec, spec.gpus_per_pod),
             "volumeMounts": [
                 {"name": "tmp", "mountPath": "/tmp"},
                 {"name": "models", "mountPath": MODELS_DIR},
@@ -424,8 +431,9 @@ def render_job(
         {
             "terminationMessagePath": TUNE_RESULT,
             "terminationMessagePolicy": "File",
-            # Tuning measures one device; the profile applies to each GPU of a serving pod alike.
-            "resources": {"limits": {gpus.GPU_RESOURCE: "1"}},
+            # Tuning measures one device; the profile applies to each GPU of a serving pod alike. The CPU
+            # and memory are the serving pods', so the trials measure what the pods will have.
+            "resources": _resources(spec, 1),
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "models", "mountPath": MODELS_DIR}],
         }
     )

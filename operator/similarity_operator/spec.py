@@ -17,6 +17,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from similarity_operator import quantity
+from similarity_operator.gpus import GPU_RESOURCE
+
 GROUP = "structsim.io"
 VERSION = "v1alpha1"
 PLURAL = "similarityservices"
@@ -30,6 +33,12 @@ Auto = Literal["auto"]
 
 MAX_BATCH_SIZE = 1024
 MAX_WAIT_MS = 1000
+RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
+# Requests without limits make the pods Burstable: the kubelet evicts BestEffort pods first under memory
+# pressure, and the scheduler reserves nothing for a pod without requests (the tokenizer, the event loop
+# and torch's host threads need CPU). No limits: a CPU limit throttles latency, a memory limit could
+# OOM-kill torch.compile's workers during warm-up.
+DEFAULT_REQUESTS = {"cpu": "2", "memory": "6Gi"}
 
 # Kubernetes label syntax (apimachinery's validation): optional DNS-subdomain prefix, then a name.
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -79,6 +88,14 @@ class Toleration(_Struct, frozen=True, omit_defaults=True):
     toleration_seconds: int | None = None
 
 
+class Resources(_Struct, frozen=True):
+    """CPU, memory and ephemeral-storage of serving and tune containers, each quantity written as the API
+    server stores it (so rendered containers never drift from their live selves)."""
+
+    requests: dict[str, str] = msgspec.field(default_factory=lambda: dict(DEFAULT_REQUESTS))
+    limits: dict[str, str] = {}
+
+
 class Spec(_Struct, frozen=True):
     """`spec` of a SimilarityService with every default applied."""
 
@@ -88,6 +105,7 @@ class Spec(_Struct, frozen=True):
     node_selector: dict[str, str] = {}
     tolerations: list[Toleration] = []
     gpus_per_pod: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    resources: Resources = msgspec.field(default_factory=Resources)
     precision: PrecisionPolicy = "auto"
     batching: Batching = msgspec.field(default_factory=Batching)
     # serve's and autotune's --exact-thresholds: decisions at these are fp32's (pairs near one are scored
@@ -125,6 +143,12 @@ def parse_spec(raw: Mapping[str, Any] | None) -> Spec:
             "maxBatchSize": _int_or_auto(batching.get("maxBatchSize", "auto"), "maxBatchSize", 1, MAX_BATCH_SIZE),
             "maxWaitMs": _int_or_auto(batching.get("maxWaitMs", "auto"), "maxWaitMs", 0, MAX_WAIT_MS),
         }
+    resources = data.get("resources")
+    if isinstance(resources, Mapping):
+        data["resources"] = {
+            **resources,
+            **{kind: _quantities(resources[kind], kind) for kind in ("requests", "limits") if kind in resources},
+        }
     try:
         spec = msgspec.convert(data, type=Spec)
     except msgspec.ValidationError as exc:
@@ -135,7 +159,31 @@ def parse_spec(raw: Mapping[str, Any] | None) -> Spec:
     if spec.model.offline and not spec.model.cache.pvc:
         # Without a claim /models is an emptyDir: an offline pod would find no model, every time.
         raise SpecError("spec.model.offline needs spec.model.cache.pvc: a volume pre-loaded with the model")
+    for name, limit in spec.resources.limits.items():
+        request = spec.resources.requests.get(name)
+        if request is not None and quantity.parse(request).value > quantity.parse(limit).value:
+            # The API server would refuse the DaemonSet (and retrying would not help): say so here.
+            raise SpecError(f"spec.resources.requests.{name}: {request} is above spec.resources.limits.{name}, {limit}")
     return spec
+
+
+def _quantities(raw: object, kind: str) -> object:
+    """Requests or limits with each quantity in the API server's form; names other than RESOURCE_NAMES are
+    refused (GPUs are the operator's to set, from gpusPerPod)."""
+    if not isinstance(raw, Mapping):
+        return raw  # msgspec names the wrong type
+    field = f"spec.resources.{kind}"
+    result = {}
+    for name, value in raw.items():
+        if name == GPU_RESOURCE:
+            raise SpecError(f"{field}: {name} is set by the operator: use spec.gpusPerPod")
+        if name not in RESOURCE_NAMES:
+            raise SpecError(f"{field}: {name!r} is not one of {', '.join(RESOURCE_NAMES)}")
+        try:
+            result[name] = quantity.parse(value).text
+        except ValueError as exc:
+            raise SpecError(f'{field}.{name}: {exc}: a string like "500m", "2" or "6Gi", or an integer') from None
+    return result
 
 
 def _int_or_auto(value: object, field: str, low: int, high: int) -> int | str:
@@ -169,7 +217,7 @@ def _check_labels(selector: Mapping[str, str]) -> None:
 
 def fingerprint(spec: Spec) -> str:
     """What a tuned profile is valid for: model, revision, precision policy, pinned batching, SLO, exact
-    thresholds (they change the accuracy guard's verdict and each trial's cost).
+    thresholds (they change the accuracy guard's verdict and each trial's cost), a CPU limit.
 
     The trial budget and the image are left out on purpose: more trials or a new image tag refine
     the same question, they do not change it. Offline mode is left out too: it changes where the
@@ -187,6 +235,10 @@ def fingerprint(spec: Spec) -> str:
     }
     if spec.exact_thresholds:  # only when set, so other resources keep their fingerprints (and profiles)
         key["exactThresholds"] = sorted({float(threshold) for threshold in spec.exact_thresholds})
+    # A CPU limit caps the throughput autotune measures (the tokenizer and event loop run on the CPU);
+    # requests cap nothing. Only when set, as above.
+    if "cpu" in spec.resources.limits:
+        key["cpuLimit"] = spec.resources.limits["cpu"]
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -109,6 +109,8 @@ def _similarity(name: str) -> dict[str, Any]:
         (lambda s: s["spec"]["batching"].update(maxBatchSize=1.5), "is not valid under any of the given schemas"),
         (lambda s: s["spec"].pop("image"), "'image' is a required property"),
         (lambda s: s["spec"]["model"].update(id="not a model id"), "does not match"),
+        (lambda s: s["spec"]["resources"]["requests"].update(cpu="2 cores"), "does not match"),
+        (lambda s: s["spec"]["resources"]["limits"].update(memory=0.5), "is not valid under any of the given schemas"),
     ],
 )
 def test_the_crd_schema_refuses_a_broken_resource(validator: jsonschema.Validator, mutate: Any, error: str) -> None:

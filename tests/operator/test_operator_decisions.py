@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from similarity_operator.drift import covers, merge_patch
+from similarity_operator.drift import EACH, covers, merge_patch
 from similarity_operator.reconcile import finished_at, job_state
 from similarity_operator.status import ProductReport, condition, phase, ready_condition, summary, tuned_condition
 
@@ -49,6 +49,31 @@ def test_owned_maps_are_exact() -> None:
     }
     patch = merge_patch(live, desired, exact=[("data",), ("spec", "nodeSelector")])
     assert patch == {"data": {"profile.json": None}, "spec": {"nodeSelector": {"added": None}}}
+
+
+def test_exact_maps_inside_list_items_replace_the_list() -> None:
+    """A limit or request dropped from the spec is still on the live container: the containers are
+    replaced whole (a merge patch cannot reach into a list), server defaults there still no drift."""
+    resources = ("spec", "containers", EACH, "resources")
+    exact = [resources, (*resources, "requests"), (*resources, "limits")]
+
+    def pod(**resources: dict[str, str]) -> dict[str, Any]:
+        return {"spec": {"containers": [{"name": "c", "resources": resources}]}}
+
+    desired = pod(requests={"cpu": "2"}, limits={"gpu": "1"})
+    live = pod(requests={"cpu": "2"}, limits={"gpu": "1"})
+    live["spec"]["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
+    assert merge_patch(live, desired, exact) == {}
+    for stale in (
+        pod(requests={"cpu": "2"}, limits={"gpu": "1", "cpu": "4"}),  # a limit dropped
+        pod(requests={"cpu": "2", "memory": "6Gi"}, limits={"gpu": "1"}),  # a request dropped
+        pod(limits={"gpu": "1"}),  # a request added
+    ):
+        assert merge_patch(stale, desired, exact) == desired
+    assert merge_patch(pod(requests={"cpu": "2"}, limits={"gpu": "1"}), pod(limits={"gpu": "1"}), exact) == pod(
+        limits={"gpu": "1"}
+    )  # every request dropped
+    assert covers(pod(limits={"gpu": "1", "cpu": "4"}), pod(limits={"gpu": "1"}))  # not exact: extra keys are fine
 
 
 def job(*conditions: tuple[str, str], **status: Any) -> dict[str, Any]:

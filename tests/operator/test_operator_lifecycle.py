@@ -380,6 +380,35 @@ async def test_drifted_children_are_repaired(cluster: Cluster, operator: Operato
     await eventually(lambda: cluster.events("Updated"))
 
 
+async def test_changed_resources_update_the_daemonset_and_keep_the_profile(
+    cluster: Cluster, operator: OperatorThread
+) -> None:
+    status = await tuned(cluster)
+    name = cluster.daemonsets()[0]["metadata"]["name"]
+
+    def resources() -> dict[str, Any]:
+        return cluster.get(DS, name, "team-a")["spec"]["template"]["spec"]["containers"][0]["resources"]
+
+    assert resources() == {"requests": {"cpu": "2", "memory": "6Gi"}, "limits": {"nvidia.com/gpu": "1"}}
+    # Requests replace the default map whole (memory goes), in the API server's form; a memory limit joins.
+    spec = {"resources": {"requests": {"cpu": "0.5"}, "limits": {"memory": "32Gi"}}}
+    await cluster.merge(cluster.resource_path("sim"), {"spec": spec})
+    await eventually(
+        lambda: resources() == {"requests": {"cpu": "500m"}, "limits": {"memory": "32Gi", "nvidia.com/gpu": "1"}}
+    )
+    # A limit dropped from the spec leaves the pods too (the live container still had it).
+    await cluster.merge(cluster.resource_path("sim"), {"spec": {"resources": {"limits": None}}})
+    await eventually(lambda: resources() == {"requests": {"cpu": "500m"}, "limits": {"nvidia.com/gpu": "1"}})
+
+    after = await eventually(lambda: cluster.status("sim")["observedGeneration"] == 3 and cluster.status("sim"))
+    assert (after["fingerprint"], after["profiles"]) == (status["fingerprint"], status["profiles"])  # no CPU limit
+    assert not cluster.jobs() and len(cluster.events("TuneStarted")) == 1
+    assert "--profile" in args_of(cluster.get(DS, name, "team-a"))
+    versions = len(cluster.history(DS, name, "team-a"))
+    await asyncio.sleep(0.6)  # a few resyncs: converged, nothing patched again
+    assert len(cluster.history(DS, name, "team-a")) == versions
+
+
 async def test_time_sliced_nodes_share_the_tuning_of_their_gpu(cluster: Cluster, operator: OperatorThread) -> None:
     await cluster.add_node("gpu-1", T4, cc="7.5")
     await cluster.add_node("gpu-2", f"{T4}-SHARED", cc="7.5")

@@ -95,7 +95,8 @@ def test_the_serving_container_follows_the_contract() -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     # SIGTERM waits until endpoints have dropped the pod; the drain then has its full time before SIGKILL.
     assert c["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": "2"}}
+    # Requests by default (Burstable, not BestEffort), no CPU or memory limit; the GPUs in limits only.
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "6Gi"}, "limits": {"nvidia.com/gpu": "2"}}
     assert c["imagePullPolicy"] == "Always"
     assert c["securityContext"] == {
         "runAsNonRoot": True,
@@ -183,7 +184,7 @@ def test_the_tune_job_follows_the_contract() -> None:
         "/dev/termination-log",
     ]
     assert (c["terminationMessagePath"], c["terminationMessagePolicy"]) == ("/dev/termination-log", "File")
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "6Gi"}, "limits": {"nvidia.com/gpu": "1"}}
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 900
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["priorityClassName"] == "structsim-autotune"
@@ -247,8 +248,50 @@ def test_one_gpu_per_pod_renders_no_devices_flag() -> None:
     spec = parse_spec({**SPEC, "gpusPerPod": 1})
     c = container(render.render_daemonset(OWNER, spec, H100.labels[0], render.serving(spec, H100, None, None), "cm"))
     assert "--devices" not in c["args"]
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": "1"}
 
+
+def qos_class(container: dict[str, Any]) -> str:
+    """The QoS class of a one-container pod: its requests default to its limits; only CPU and memory count."""
+    limits = container["resources"].get("limits", {})
+    requests = {**limits, **container["resources"].get("requests", {})}
+    if not {"cpu", "memory"} & requests.keys():
+        return "BestEffort"
+    guaranteed = all(name in limits and requests[name] == limits[name] for name in ("cpu", "memory"))
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+@pytest.mark.parametrize(
+    ("resources", "qos"),
+    [
+        ({}, "Burstable"),  # the defaults
+        ({"requests": {"cpu": "4", "memory": "16Gi", "ephemeral-storage": "20Gi"}}, "Burstable"),
+        ({"requests": {"cpu": 4, "memory": "16Gi"}, "limits": {"cpu": "4", "memory": "16Gi"}}, "Guaranteed"),
+        ({"requests": {}}, "BestEffort"),  # asked for
+    ],
+)
+def test_serving_and_tune_pods_get_the_spec_resources_and_their_gpus(resources: dict[str, Any], qos: str) -> None:
+    spec = parse_spec({**SPEC, "gpusPerPod": 2, **({"resources": resources} if resources else {})})
+    config = render.serving(spec, H100, None, None)
+    serving = container(render.render_daemonset(OWNER, spec, H100.labels[0], config, "cm"))
+    tuning = container(render.render_job(OWNER, spec, H100, fingerprint(spec), 1))
+    requests = {k: str(v) for k, v in resources.get("requests", {"cpu": "2", "memory": "6Gi"}).items()}
+    for c, gpu_limit in ((serving, "2"), (tuning, "1")):  # the tune Job measures one GPU, with the pods' CPU
+        assert c["resources"].get("requests", {}) == requests
+        assert c["resources"]["limits"] == {**resources.get("limits", {}), "nvidia.com/gpu": gpu_limit}
+        assert qos_class(c) == qos
+
+
+def test_quantities_are_rendered_as_the_api_server_stores_them() -> None:
+    """Else drift would patch "0.5" over the live "500m" on every resync."""
+    spec = parse_spec(
+        {**SPEC, "resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}, "limits": {"cpu": "1.5"}}}
+    )
+    c = container(render.render_daemonset(OWNER, spec, H100.labels[0], render.serving(spec, H100, None, None), "cm"))
+    assert c["resources"] == {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"cpu": "1500m", "nvidia.com/gpu": "1"},
+    }
 
 
 @pytest.mark.parametrize("model", [{"id": MODEL, "cache": {"pvc": "structsim-models"}}, {"id": MODEL}])
@@ -334,6 +377,7 @@ def test_every_child_is_a_valid_kubernetes_object(kube_version: str) -> None:
             "tolerations": [
                 {"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoExecute", "tolerationSeconds": 60}
             ],
+            "resources": {"requests": {"cpu": "500m", "ephemeral-storage": "10Gi"}, "limits": {"memory": "32Gi"}},
         }
     )
     config = render.serving(spec, H100, None, None)

@@ -10,6 +10,7 @@ import pytest
 
 from crd_schema import apply_defaults, load_crd, openapi_schema
 from kube_harness import H100, MODEL, profile_json
+from similarity_operator import quantity
 from similarity_operator.spec import ProfileError, SpecError, fingerprint, parse_profile, parse_spec
 
 MINIMAL: dict[str, Any] = {"model": {"id": MODEL}, "image": "structsim:0.1.0"}
@@ -70,12 +71,75 @@ def test_batching_is_int_or_auto(batching: dict[str, Any], expected: tuple[Any, 
         ({"model": {"id": MODEL, "offline": True}}, "spec.model.offline needs spec.model.cache.pvc"),
         ({"model": {"id": MODEL, "offline": "yes"}}, "spec.model.offline: Expected `bool`"),
         ({"exactThresholds": [0.5, 1.0]}, "spec.exactThresholds[1]: Expected `float` <= 0.999999"),
+        (
+            {"resources": {"limits": {"nvidia.com/gpu": "2"}}},
+            "spec.resources.limits: nvidia.com/gpu is set by the operator: use spec.gpusPerPod",
+        ),
+        ({"resources": {"requests": {"gpu": "1"}}}, "spec.resources.requests: 'gpu' is not one of cpu, memory"),
+        ({"resources": {"requests": {"cpu": "two"}}}, "spec.resources.requests.cpu: 'two' is not a quantity: a string"),
+        ({"resources": {"requests": {"memory": "6GB"}}}, "spec.resources.requests.memory: '6GB' is not a quantity"),
+        ({"resources": {"limits": {"cpu": 0.5}}}, "spec.resources.limits.cpu: 0.5 is not a quantity"),  # quote it
+        ({"resources": {"limits": {"cpu": -1}}}, "spec.resources.limits.cpu: -1 is not a quantity"),
+        (
+            {"resources": {"limits": {"cpu": "1500m"}}},  # the default request, 2, is above it
+            "spec.resources.requests.cpu: 2 is above spec.resources.limits.cpu, 1500m",
+        ),
+        (
+            {"resources": {"requests": {"memory": "8Gi"}, "limits": {"memory": "8000Mi"}}},
+            "spec.resources.requests.memory: 8Gi is above spec.resources.limits.memory, 8000Mi",
+        ),
+        ({"resources": {"requests": "2"}}, "spec.resources.requests: Expected `object`, got `str`"),
+        ({"resources": {"request": {}}}, "spec.resources: Object contains unknown field `request`"),
     ],
 )
 def test_invalid_specs_name_the_field(patch: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError) as caught:
         parse_spec({**MINIMAL, **patch})
     assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        # What apimachinery's Quantity.String gives back: the text as given where the parser keeps it.
+        ("2", "2"),
+        (2, "2"),
+        ("500m", "500m"),
+        ("0.5", "500m"),
+        (".5", "500m"),
+        ("1.5", "1500m"),
+        ("1000m", "1"),
+        ("1000", "1k"),
+        ("0.1m", "100u"),
+        ("0.0000000001", "1n"),  # rounded up to a nano
+        ("6Gi", "6Gi"),
+        ("8Gi", "8Gi"),
+        ("1024Mi", "1Gi"),
+        ("1.5Gi", "1536Mi"),
+        ("0.5Ki", "512"),
+        ("6G", "6G"),
+        ("129e6", "129e6"),
+        ("12e2", "1200"),
+        ("0", "0"),
+        ("0Gi", "0"),
+    ],
+)
+def test_quantities_are_kept_in_the_form_the_api_server_stores(given: str | int, stored: str) -> None:
+    assert quantity.parse(given).text == stored
+    assert quantity.parse(stored).value == quantity.parse(given).value
+
+
+def test_requests_and_limits_compare_by_value() -> None:
+    resources = {"requests": {"cpu": "0.5", "memory": "8Gi"}, "limits": {"cpu": "500m", "memory": "8192Mi"}}
+    spec = parse_spec({**MINIMAL, "resources": resources})  # equal, however written
+    assert spec.resources.requests == spec.resources.limits == {"cpu": "500m", "memory": "8Gi"}
+
+
+def test_the_crd_checks_quantities_as_the_operator_does() -> None:
+    spec_schema = openapi_schema(load_crd())["properties"]["spec"]
+    for kind in ("requests", "limits"):
+        value = spec_schema["properties"]["resources"]["properties"][kind]["additionalProperties"]
+        assert value == {"x-kubernetes-int-or-string": True, "pattern": quantity.PATTERN}
 
 
 def test_a_missing_spec_is_invalid() -> None:
@@ -105,6 +169,7 @@ def test_pinning_and_tuning() -> None:
         {"autotune": {"maxAbsError": 0.01}},
         {"autotune": {"threshold": 0.5}},
         {"exactThresholds": [0.5, 0.8]},  # the tune Job rescores near them, as the pods do
+        {"resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "1"}}},  # it caps what the trials measure
     ],
 )
 def test_the_fingerprint_changes_with_what_a_profile_depends_on(patch: dict[str, Any]) -> None:
@@ -122,6 +187,7 @@ def test_the_fingerprint_changes_with_what_a_profile_depends_on(patch: dict[str,
         {"batching": {"maxBatchSize": "auto"}},  # the default, spelled out
         {"model": {"id": MODEL, "cache": {"pvc": "models"}, "offline": True}},  # where from, not which weights
         {"exactThresholds": []},  # the default, spelled out
+        {"resources": {"requests": {"cpu": "8", "memory": "32Gi"}, "limits": {"memory": "64Gi"}}},  # cap no CPU
     ],
 )
 def test_the_fingerprint_ignores_what_does_not_change_the_question(patch: dict[str, Any]) -> None:
@@ -136,6 +202,16 @@ def test_fingerprints_of_specs_without_exact_thresholds_are_what_they_were() -> 
     # The same thresholds in another order (or repeated) ask the same question.
     exact = fingerprint(parse_spec({**MINIMAL, "exactThresholds": [0.5, 0.8]}))
     assert fingerprint(parse_spec({**MINIMAL, "exactThresholds": [0.8, 0.5, 0.5]})) == exact
+
+
+def test_fingerprints_of_specs_without_a_cpu_limit_are_what_they_were() -> None:
+    # Computed before resources existed: a resource's requests (defaulted or set) keep its tuned profiles.
+    no_cpu_limit = {"requests": {"cpu": "4", "ephemeral-storage": "10Gi"}, "limits": {"memory": "32Gi"}}
+    assert fingerprint(parse_spec({**MINIMAL, "resources": no_cpu_limit})) == "716a03e5cc04ceb0"
+    # The same CPU limit, spelled two ways, asks the same question.
+    limited = fingerprint(parse_spec({**MINIMAL, "resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "4"}}}))
+    assert limited != "716a03e5cc04ceb0"
+    assert fingerprint(parse_spec({**MINIMAL, "resources": {"limits": {"cpu": "4000m"}}})) == limited
 
 
 def test_the_profile_autotune_writes_is_accepted() -> None:
