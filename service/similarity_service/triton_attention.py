@@ -8,7 +8,8 @@ queries), with tiles of 16-64 queries and keys picked from the batch's longest s
 softmax over the key blocks (fp32 softmax and accumulator, as flash does). The bulk path sorts pairs by
 length before it splits them into forwards, so each forward's sequences are near its longest.
 
-In fp32 (the fp32 copy that scores pairs near an exact threshold again) the products are full fp32, not tf32.
+The engine uses it in fp16, and in fp32 for the copy that scores pairs near an exact threshold again (the
+products then full fp32, not tf32); bf16 keeps flash attention (not measured with this kernel).
 
 `varlen_attention` is registered as a torch custom op, so torch.compile treats it as one opaque call and CUDA
 graphs capture its launch. On the CPU it runs in Triton's interpreter (TRITON_INTERPRET=1), which is how the
