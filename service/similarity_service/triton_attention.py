@@ -29,6 +29,7 @@ import triton.language as tl
 from similarity_service.packed import VarlenAttention
 
 logger = logging.getLogger(__name__)
+
 _MIN_TILE = 16  # tl.dot's smallest dimension
 _MAX_TILE = 64
 
