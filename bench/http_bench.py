@@ -168,14 +168,20 @@ def run_ladder(
 
 
 def run_batches(
-    url: str, concurrencies: Sequence[int], duration_s: float, pairs: list[tuple[str, str]]
+    url: str, concurrencies: Sequence[int], duration_s: float, pairs: list[tuple[str, str]], client_processes: int
 ) -> list[dict[str, object]]:
     runs = []
     for concurrency in concurrencies:
         before = scrape(url)
-        result = asyncio.run(
-            loadgen.run_closed_loop(url, concurrency, duration_s, pairs, route="batch", pairs_per_request=BATCH_PAIRS)
-        )
+        processes = min(client_processes, concurrency)
+        if processes > 1:
+            result = loadgen.closed_loop_in_processes(
+                url, concurrency, duration_s, pairs, processes=processes, route="batch", pairs_per_request=BATCH_PAIRS
+            )
+        else:
+            result = asyncio.run(
+                loadgen.run_closed_loop(url, concurrency, duration_s, pairs, route="batch", pairs_per_request=BATCH_PAIRS)
+            )
         runs.append({**result.to_dict(), "server": server_view(before, scrape(url), result.duration_s)})
         print(loadgen.format_table([result]).splitlines()[-1], flush=True)
     return runs
@@ -246,7 +252,7 @@ def measure(
             ladder = rates or (QUICK_RATES if quick else RATES)
             open_loop = run_ladder(server.url, ladder, duration, pairs, client_processes)
             clients = concurrency or (BATCH_CONCURRENCY[:1] if quick else BATCH_CONCURRENCY)
-            batches = run_batches(server.url, clients, duration, pairs)
+            batches = run_batches(server.url, clients, duration, pairs, client_processes)
         finally:
             exit_status = server.stop()
             log_tail = server.log.read_text()[-2000:]

@@ -6,6 +6,7 @@ and batcher. OpenAPI is served at /docs (Swagger UI) and /docs/openapi.json.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from similarity_service.lifespan import EngineFactory, ServiceState, load_engine
 from similarity_service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from similarity_service.schemas import decode_body
 from similarity_service.settings import Settings
+from similarity_service.workers import METRICS_DIR_ENV, WorkerReadiness
 
 JSON_CHARSETS = {"utf-8", "utf8"}
 
@@ -49,11 +51,13 @@ def create_app(
     *,
     engine_factory: EngineFactory = load_engine,
     on_ready: Callable[[], None] | None = None,
+    workers: WorkerReadiness | None = None,
 ) -> Litestar:
     """The service app; `engine_factory(settings)` loads and warms the engine (tests pass their own);
-    `on_ready()` runs once it is loaded and warm, before readiness turns 200 (the serve command's hook)."""
-    metrics = ServiceMetrics()
-    service = ServiceState(settings, metrics, on_ready)
+    `on_ready()` runs once it is loaded and warm, before readiness turns 200 (the serve command's hook);
+    `workers` is given in each of several serving processes (workers.py), whose metrics are then shared."""
+    metrics = ServiceMetrics(os.environ[METRICS_DIR_ENV] if workers is not None else None)
+    service = ServiceState(settings, metrics, on_ready, workers)
     return Litestar(
         route_handlers=ROUTES,
         dependencies=dependencies(service),

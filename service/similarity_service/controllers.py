@@ -212,7 +212,7 @@ async def healthz(service: Service) -> HealthResponse:
 
 @get("/readyz", operation_id="getReadiness", summary="Readiness: loaded, warm, not draining", **OPERATIONS)
 async def readyz(service: Service) -> ReadyResponse:
-    service.ready_scorer()
+    service.check_ready()
     return ReadyResponse()
 
 

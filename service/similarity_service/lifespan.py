@@ -28,6 +28,7 @@ from similarity_service.metrics import ServiceMetrics
 from similarity_service.profile import Profile, ProfileError, read_profile
 from similarity_service.scoring import Scorer
 from similarity_service.settings import Settings
+from similarity_service.workers import WorkerReadiness
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,17 @@ class ServiceState:
     """The app's one owner of the engine, batcher and scorer, and of the phase that gates them."""
 
     def __init__(
-        self, settings: Settings, metrics: ServiceMetrics, on_ready: Callable[[], None] | None = None
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        on_ready: Callable[[], None] | None = None,
+        workers: WorkerReadiness | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._on_ready = on_ready  # called once, loaded and warm, just before readiness turns 200
+        self._workers = workers  # with several serving processes: which of them are ready
+        self._publishing: asyncio.Task[None] | None = None
         self.phase = Phase.LOADING
         self.error: str | None = None
         self.scorer: Scorer | None = None
@@ -121,6 +128,16 @@ class ServiceState:
         if self.phase is Phase.FAILED:
             raise NotReady("load_failed", f"the model failed to load: {self.error}")
         raise NotReady("not_ready", "the model is loading", retry_after_s=LOADING_RETRY_AFTER_S)
+
+    def check_ready(self) -> None:
+        """Readiness: this process admits requests, and so does every sibling serving the same port."""
+        self.ready_scorer()
+        if self._workers is not None and (warming := self._workers.warming()):
+            raise NotReady(
+                "workers_not_ready",
+                f"{warming} of {self.settings.workers} serving processes are not ready",
+                retry_after_s=LOADING_RETRY_AFTER_S,
+            )
 
     @property
     def healthy(self) -> bool:
@@ -159,13 +176,13 @@ class ServiceState:
         self.scorer = Scorer(engine, encoder, batcher, settings)
         self.profile = self._read_profile(engine)
         self.metrics.watch_batcher(batcher)
-        self.metrics.model.info(
-            {
-                "model": engine.info.model_id,
-                "precision": engine.info.precision,
-                "device": ",".join(replica.info.device for replica in engines),
-            }
-        )
+        self.metrics.model.labels(
+            model=engine.info.model_id,
+            precision=engine.info.precision,
+            device=",".join(replica.info.device for replica in engines),
+        ).set(1)
+        if self.metrics.multiprocess:
+            self._publishing = asyncio.create_task(self.metrics.publish_periodically(), name="structsim-metrics")
         self._gpu_stats = GpuStats.open()
         if self._gpu_stats is not None:
             self.metrics.add_collector(self._gpu_stats)
@@ -173,6 +190,8 @@ class ServiceState:
             self._on_ready()
         self.phase = Phase.READY
         self.metrics.ready.set(1)
+        if self._workers is not None:
+            self._workers.set(True)
         for replica in engines:
             info = replica.info
             log.info("ready: %s in %s on %s (%s)", info.model_id, info.precision, info.device, info.device_name)
@@ -184,6 +203,8 @@ class ServiceState:
             if self.scorer is not None:
                 log.info("draining: %d pairs queued", self.scorer.batcher.stats.queued_pairs)
         self.metrics.ready.set(0)
+        if self._workers is not None:
+            self._workers.set(False)
         if self.scorer is None:
             return
         try:
@@ -196,6 +217,9 @@ class ServiceState:
         if self.scorer is not None:
             await self.scorer.batcher.close()
             await self.scorer.encoder.close()
+        if self._publishing is not None:
+            self._publishing.cancel()
+            self.metrics.publish()  # the last passes' counts, for the siblings' scrapes
         if self._gpu_stats is not None:
             self.metrics.remove_collector(self._gpu_stats)
             self._gpu_stats.close()

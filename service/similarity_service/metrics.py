@@ -3,20 +3,26 @@
 Per HTTP request: count and latency by route template, method and status (routes only: an unknown
 path is counted by `structsim_rejections_total{reason="not_found"}`). Per forward pass: batch size,
 tokens, each caller's queue wait, inference time. Gauges: queue depth, pairs in flight, readiness.
-Per engine replica (one per GPU), read from the batcher at scrape time and labelled `replica` and
-`device`: passes run and failed, pairs scored, inference seconds, busy and healthy. GPU memory,
-utilization and temperature come from gpu_stats, per GPU, when a GPU is present. No torch here.
+Per engine replica (one per GPU), copied from the batcher and labelled `replica` and `device`: passes
+run and failed, pairs scored, inference seconds, busy and healthy. GPU memory, utilization and
+temperature come from gpu_stats, per GPU, when a GPU is present. No torch here.
+
+With several serving processes (`workers` > 1) every series is summed over them through
+prometheus_client's multiprocess mode: each process writes its values to files in a shared directory,
+and whichever process a scrape reaches reads them all. The batcher's live state (queue, replicas) is
+copied into those files at each scrape and every `PUBLISH_INTERVAL_S`, so a sibling's part of a scrape
+is at most that old.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from similarity_service.batching import Batcher, BatchRecord
@@ -24,13 +30,25 @@ from similarity_service.batching import Batcher, BatchRecord
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 PAIR_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 … 4096
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(4, 21))  # 16 … 1M
+PUBLISH_INTERVAL_S = 1.0
 
 
 class ServiceMetrics:
-    """Every metric the service exports, registered in `self.registry`."""
+    """Every metric the service exports, registered in `self.registry`.
 
-    def __init__(self) -> None:
+    `multiprocess_dir`: the directory prometheus_client's multiprocess mode writes to (its
+    `PROMETHEUS_MULTIPROC_DIR`, which must be set before prometheus_client is imported); a scrape then
+    shows the sum over every process writing there.
+    """
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = multiprocess_dir is not None
+        if multiprocess_dir is None:
+            self._exposed = self.registry
+        else:
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed, multiprocess_dir)
         r = self.registry
         self.requests = Counter(
             "structsim_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=r
@@ -45,8 +63,15 @@ class ServiceMetrics:
         self.rejections = Counter(
             "structsim_rejections", "Requests answered with an error, by reason", ["reason"], registry=r
         )
-        self.queue_pairs = Gauge("structsim_queue_pairs", "Pairs waiting for a forward pass", registry=r)
-        self.in_flight_pairs = Gauge("structsim_in_flight_pairs", "Pairs in the forward pass now running", registry=r)
+        self.queue_pairs = Gauge(
+            "structsim_queue_pairs", "Pairs waiting for a forward pass", registry=r, multiprocess_mode="livesum"
+        )
+        self.in_flight_pairs = Gauge(
+            "structsim_in_flight_pairs",
+            "Pairs in the forward passes now running",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.batch_size = Histogram(
             "structsim_batch_size_pairs", "Pairs per forward pass", buckets=PAIR_BUCKETS, registry=r
         )
@@ -65,8 +90,19 @@ class ServiceMetrics:
         self.pairs = Counter("structsim_pairs_scored", "Pairs scored", registry=r)
         self.tokens = Counter("structsim_tokens_scored", "Tokens scored (rate() gives tokens/s)", registry=r)
         self.failed_batches = Counter("structsim_failed_batches", "Forward passes that raised", registry=r)
-        self.ready = Gauge("structsim_ready", "1 while the service admits requests", registry=r)
-        self.model = Info("structsim_model", "The model being served", registry=r)
+        self.ready = Gauge(
+            "structsim_ready", "1 while the service admits requests", registry=r, multiprocess_mode="livemin"
+        )
+        # An info metric as a gauge: prometheus_client's Info does not work across processes.
+        self.model = Gauge(
+            "structsim_model_info",
+            "The model being served",
+            ["model", "precision", "device"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._replicas = ReplicaMetrics(r)
+        self._batcher: Batcher | None = None
 
     def count_rejection(self, status: int, code: str) -> None:
         self.rejections.labels(reason=code).inc()
@@ -85,56 +121,89 @@ class ServiceMetrics:
         self.tokens.inc(record.tokens)
 
     def watch_batcher(self, batcher: Batcher) -> None:
-        """Read the queue gauges and the per-replica series from the batcher at scrape time."""
-        self.queue_pairs.set_function(lambda: batcher.stats.queued_pairs)
-        self.in_flight_pairs.set_function(lambda: batcher.stats.in_flight_pairs)
-        self.registry.register(ReplicaCollector(batcher))
-
-    def add_collector(self, collector: Collector) -> None:
-        self.registry.register(collector)
-
-    def remove_collector(self, collector: Collector) -> None:
-        self.registry.unregister(collector)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class ReplicaCollector(Collector):
-    """Each engine replica's counters, labelled by replica index and device."""
-
-    def __init__(self, batcher: Batcher) -> None:
+        """Copy the queue gauges and the per-replica series from `batcher` at every scrape."""
         self._batcher = batcher
 
-    def collect(self) -> Iterator[Metric]:
+    def publish(self) -> None:
+        """Copy the batcher's live state into the metrics."""
+        if self._batcher is None:
+            return
+        stats = self._batcher.stats
+        self.queue_pairs.set(stats.queued_pairs)
+        self.in_flight_pairs.set(stats.in_flight_pairs)
+        self._replicas.publish(self._batcher)
+
+    async def publish_periodically(self) -> None:
+        """With several processes: keep this one's part of a sibling's scrape fresh."""
+        while True:
+            self.publish()
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+    def add_collector(self, collector: Collector) -> None:
+        self._exposed.register(collector)
+
+    def remove_collector(self, collector: Collector) -> None:
+        self._exposed.unregister(collector)
+
+    def render(self) -> bytes:
+        self.publish()
+        return generate_latest(self._exposed)
+
+
+class ReplicaMetrics:
+    """Each engine replica's counters and state, labelled by replica index and device.
+
+    The batcher keeps totals; counters advance by what changed since the last copy, so that across
+    processes they sum like any counter.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
         keys = ["replica", "device"]
-        batches = CounterMetricFamily("structsim_replica_batches", "Forward passes run on the replica", labels=keys)
-        failed = CounterMetricFamily("structsim_replica_failed_batches", "Forward passes that raised", labels=keys)
-        pairs = CounterMetricFamily("structsim_replica_pairs_scored", "Pairs scored on the replica", labels=keys)
-        rescored = CounterMetricFamily(
+        self.batches = Counter("structsim_replica_batches", "Forward passes run on the replica", keys, registry=registry)
+        self.failed = Counter("structsim_replica_failed_batches", "Forward passes that raised", keys, registry=registry)
+        self.pairs = Counter("structsim_replica_pairs_scored", "Pairs scored on the replica", keys, registry=registry)
+        self.rescored = Counter(
             "structsim_replica_pairs_rescored_fp32",
             "Pairs scored again in fp32 because they lay near an exact threshold",
-            labels=keys,
+            keys,
+            registry=registry,
         )
-        seconds = CounterMetricFamily(
-            "structsim_replica_inference_seconds", "Time the replica spent in forward passes", labels=keys
+        self.seconds = Counter(
+            "structsim_replica_inference_seconds", "Time the replica spent in forward passes", keys, registry=registry
         )
-        busy = GaugeMetricFamily("structsim_replica_busy", "1 while a forward pass runs on the replica", labels=keys)
-        healthy = GaugeMetricFamily(
+        self.busy = Gauge(
+            "structsim_replica_busy",
+            "1 while a forward pass runs on the replica (in any serving process)",
+            keys,
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.healthy = Gauge(
             "structsim_replica_healthy",
-            "0 once the replica's last passes all failed (it then gets no batches)",
-            labels=keys,
+            "0 once the replica's last passes all failed (it then gets no batches; in any serving process)",
+            keys,
+            registry=registry,
+            multiprocess_mode="livemin",
         )
-        for replica in self._batcher.replicas:
-            labels = [str(replica.index), replica.device]
-            batches.add_metric(labels, replica.batches_run)
-            failed.add_metric(labels, replica.failed_batches)
-            pairs.add_metric(labels, replica.pairs_scored)
-            rescored.add_metric(labels, replica.pairs_rescored_fp32)
-            seconds.add_metric(labels, replica.inference_s)
-            busy.add_metric(labels, float(replica.busy))
-            healthy.add_metric(labels, float(replica.healthy))
-        yield from (batches, failed, pairs, rescored, seconds, busy, healthy)
+        self._copied: dict[tuple[str, str, str], float] = {}  # (counter, replica, device) → total copied so far
+
+    def publish(self, batcher: Batcher) -> None:
+        for replica in batcher.replicas:
+            labels = (str(replica.index), replica.device)
+            self._advance("batches", self.batches, labels, replica.batches_run)
+            self._advance("failed", self.failed, labels, replica.failed_batches)
+            self._advance("pairs", self.pairs, labels, replica.pairs_scored)
+            self._advance("rescored", self.rescored, labels, replica.pairs_rescored_fp32)
+            self._advance("seconds", self.seconds, labels, replica.inference_s)
+            self.busy.labels(*labels).set(float(replica.busy))
+            self.healthy.labels(*labels).set(float(replica.healthy))
+
+    def _advance(self, name: str, counter: Counter, labels: tuple[str, str], total: float) -> None:
+        key = (name, *labels)
+        copied = self._copied.get(key, 0.0)
+        if total > copied:
+            counter.labels(*labels).inc(total - copied)
+            self._copied[key] = total
 
 
 class RequestMetricsMiddleware:

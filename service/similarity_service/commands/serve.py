@@ -10,9 +10,11 @@ import argparse
 import gc
 import logging
 import os
+import socket
 import sys
 
-from similarity_service.settings import SettingsError, add_arguments, load_settings
+from similarity_service.settings import Settings, SettingsError, add_arguments, load_settings
+from similarity_service.workers import WorkerReadiness
 
 SHUTDOWN_GRACE_S = 5  # after draining: for responses still being written to finish
 # The runner thread gives up the GIL at every device sync; with Python's default 5 ms switch interval it
@@ -58,7 +60,23 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"structsim serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
+    if settings.workers == 1:
+        return serve(settings)
+    from similarity_service.workers import run_workers
+
+    return run_workers(settings, serve_worker)
+
+
+def configure_logging(settings: Settings, worker: int | None = None) -> None:
+    name = "%(name)s" if worker is None else f"worker {worker} %(name)s"
+    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {name}: %(message)s")
+
+
+def serve(
+    settings: Settings, sockets: list[socket.socket] | None = None, workers: WorkerReadiness | None = None
+) -> int:
+    """Serve until drained; the exit status. `sockets` and `workers`: in one of several serving processes."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     import uvicorn
@@ -66,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from similarity_service.app import create_app
     from similarity_service.server import DrainingServer
 
-    app = create_app(settings, on_ready=settle_heap)
+    app = create_app(settings, on_ready=settle_heap, workers=workers)
     service = app.state.service
     config = uvicorn.Config(
         app,
@@ -78,5 +96,11 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     server = DrainingServer(config, service)
-    server.run()
+    server.run(sockets)
     return 1 if service.error is not None or server.forced else 0
+
+
+def serve_worker(settings: Settings, workers: WorkerReadiness, sockets: list[socket.socket]) -> int:
+    """One of several serving processes (workers.py), in a freshly spawned interpreter."""
+    configure_logging(settings, workers.index)
+    return serve(settings, sockets, workers)

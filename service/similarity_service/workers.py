@@ -1,0 +1,167 @@
+"""Several serving processes on one port: `structsim serve --workers N`.
+
+One Python process runs the event loop, the tokenizer's joins and the batcher's runner under one GIL,
+and on a fast GPU that caps HTTP throughput well before the GPU is busy (docs/performance.md). With
+`workers` > 1 the parent binds the port and spawns that many workers, each a whole service (HTTP,
+tokenizer, batcher, its own engine on the same device) accepting on the shared socket, so the kernel
+spreads connections over them and their kernels share the GPU.
+
+Each worker listens on a socket of its own bound with SO_REUSEPORT, so that the kernel spreads new
+connections over the workers evenly (by a hash of their addresses). A socket shared by all would give
+each burst of connections to whichever worker woke first: uvloop accepts every pending connection at
+once, and a client's keep-alive connection then stays with that worker.
+
+The parent only supervises. SIGTERM/SIGINT go to every worker, which drains as a lone process does (a
+second signal forces the exit). A worker that exits on its own (a crash, a failed load) makes the parent
+drain the others and exit 1, so Kubernetes restarts the pod rather than leaving it short of workers.
+Readiness is shared through `WorkerReadiness`; metrics through prometheus_client's multiprocess mode, in a
+directory the parent makes and removes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+from multiprocessing.sharedctypes import SynchronizedArray
+from types import FrameType
+
+from similarity_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when a worker imports it
+EXIT_WORKER_FAILED = 1
+LISTEN_BACKLOG = 2048  # uvicorn's default
+
+# A worker: `target(settings, readiness, sockets)` serves until drained and returns its exit status.
+WorkerTarget = Callable[[Settings, "WorkerReadiness", list[socket.socket]], int]
+
+
+class WorkerReadiness:
+    """One worker's view of which workers are warm, in memory shared by all: readiness is the pod's.
+
+    A Service picks pods by their readiness probe, which lands on any one worker; one that answered ready
+    while a sibling still warms up would let requests reach the sibling and get 503.
+    """
+
+    def __init__(self, flags: SynchronizedArray[ctypes.c_bool], index: int) -> None:
+        self._flags = flags
+        self.index = index
+
+    def set(self, ready: bool) -> None:
+        self._flags[self.index] = ready
+
+    def warming(self) -> int:
+        """How many workers are not ready (loading, draining or failed)."""
+        return len(self._flags) - sum(self._flags[:])
+
+
+def run_workers(settings: Settings, target: WorkerTarget) -> int:
+    """Serve with `settings.workers` processes; 0 once all drained cleanly."""
+    context = multiprocessing.get_context("spawn")  # no fork: CUDA and threads do not survive one
+    flags = context.Array(ctypes.c_bool, settings.workers)
+    metrics_dir = tempfile.mkdtemp(prefix="structsim-metrics-")
+    os.environ[METRICS_DIR_ENV] = metrics_dir
+    processes = [
+        context.Process(target=_worker_main, args=(target, settings, flags, index), name=f"structsim-worker-{index}")
+        for index in range(settings.workers)
+    ]
+    supervisor = _Supervisor(processes, metrics_dir)
+    try:
+        for process in processes:
+            process.start()
+        log.info("serving on %s:%d with %d workers", settings.host, settings.port, settings.workers)
+        return supervisor.wait()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        del os.environ[METRICS_DIR_ENV]
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on `host:port` that other processes of this user may bind too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _worker_main(target: WorkerTarget, settings: Settings, flags: SynchronizedArray[ctypes.c_bool], index: int) -> None:
+    # Signals come from the parent only: a terminal's Ctrl-C reaches its whole process group, and a worker
+    # counts a second signal as "force". A worker whose parent died (SIGKILL) drains and exits too.
+    os.setpgrp()
+    threading.Thread(target=_drain_when_orphaned, name="structsim-parent-watch", daemon=True).start()
+    try:
+        sock = reuse_port_socket(settings.host, settings.port)
+    except OSError as exc:
+        log.error("worker %d cannot listen on %s:%d: %s", index, settings.host, settings.port, exc)
+        raise SystemExit(EXIT_WORKER_FAILED) from None
+    raise SystemExit(target(settings, WorkerReadiness(flags, index), [sock]))
+
+
+def _drain_when_orphaned() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Supervisor:
+    """Relays signals to the workers and decides the exit status once all have exited."""
+
+    def __init__(self, processes: list[multiprocessing.process.BaseProcess], metrics_dir: str) -> None:
+        self._processes = processes
+        self._metrics_dir = metrics_dir
+        self._stopping = False  # a signal came: workers exiting is expected
+        self._failed = False  # a worker exited unasked, or not with 0
+
+    def wait(self) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            running = list(self._processes)
+            while running:
+                ended = multiprocessing.connection.wait([process.sentinel for process in running])
+                for process in [p for p in running if p.sentinel in ended]:
+                    process.join()
+                    running.remove(process)
+                    self._on_exit(process)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return EXIT_WORKER_FAILED if self._failed else 0
+
+    def _on_exit(self, process: multiprocessing.process.BaseProcess) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        mark_process_dead(process.pid, self._metrics_dir)  # its live gauges leave the sums
+        if process.exitcode == 0 and self._stopping:
+            return
+        self._failed = True
+        if not self._stopping:
+            log.error("%s exited with status %s: draining the others", process.name, process.exitcode)
+            self._stopping = True
+            self._relay(signal.SIGTERM)
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self._stopping = True
+        self._relay(signal.SIGTERM)  # the first drains; a second forces, in each worker as in a lone server
+
+    def _relay(self, sig: int) -> None:
+        for process in self._processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, sig)
