@@ -103,6 +103,28 @@ class Server:
             raise SystemExit(f"structsim serve did not become ready:\n{self.log.read_text()}") from None
         return time.perf_counter() - self.started
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and every process under it (its workers), from /proc (Linux)."""
+        parents: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(stat.parent.name)] = int(fields[1])
+        tree, grew = {self.process.pid}, True
+        while grew:
+            grown = tree | {pid for pid, parent in parents.items() if parent in tree}
+            grew, tree = grown != tree, grown
+        total = 0
+        for pid in tree:
+            try:
+                status = (Path("/proc") / str(pid) / "status").read_text()
+            except OSError:
+                continue
+            total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        return total
+
     def stop(self) -> int:
         """SIGTERM (graceful drain); the exit status (0 expected)."""
         self.process.send_signal(signal.SIGTERM)
@@ -253,6 +275,7 @@ def measure(
             open_loop = run_ladder(server.url, ladder, duration, pairs, client_processes)
             clients = concurrency or (BATCH_CONCURRENCY[:1] if quick else BATCH_CONCURRENCY)
             batches = run_batches(server.url, clients, duration, pairs, client_processes)
+            rss_bytes = server.rss_bytes()
         finally:
             exit_status = server.stop()
             log_tail = server.log.read_text()[-2000:]
@@ -262,7 +285,9 @@ def measure(
         "precision": info["precision"],
         "info": info,
         "serve_args": list(extra),
-        "open_loop_client_processes": client_processes,
+        "workers": info.get("workers", 1),
+        "server_rss_bytes_after_load": rss_bytes,
+        "client_processes": client_processes,
         "cold_start_s": cold_start_s,
         "summary": summarize(open_loop),
         "sequential_round_trips": sequential,
@@ -322,7 +347,7 @@ def main() -> None:
     out = args.out_dir / f"http-{card}-{now:%Y-%m-%d}{'-' + args.label if args.label else ''}.json"
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(report["summary"], indent=2))
-    print(f"cold start {report['cold_start_s']:.1f} s; exit status after SIGTERM {report['exit_status_after_sigterm']}")
+    print(f"workers {report['workers']}; cold start {report['cold_start_s']:.1f} s; exit status after SIGTERM {report['exit_status_after_sigterm']}")
     print(f"wrote {out}")
 
 

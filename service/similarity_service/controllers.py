@@ -197,6 +197,8 @@ async def info(service: Service) -> InfoResponse:
             )
             for replica, stats in zip(service.engines, scorer.batcher.replicas, strict=True)
         ],
+        workers=service.workers.count if service.workers is not None else 1,
+        worker=service.workers.index if service.workers is not None else 0,
     )
 
 

@@ -1,10 +1,15 @@
-"""What the host gives this process: CPU cores, as its affinity mask and its cgroup's CPU quota allow."""
+"""What the host gives this process: CPU cores, as its affinity mask and its cgroup's CPU quota allow, and
+NVIDIA GPUs. No torch here: CUDA must not be initialised in a process that spawns the serving workers."""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
+
+import pynvml
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -34,3 +39,26 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
     except (OSError, ValueError):
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def visible_gpus(env: Mapping[str, str] = os.environ, nvml: ModuleType = pynvml) -> int:
+    """NVIDIA GPUs CUDA would show this process: `CUDA_VISIBLE_DEVICES`' entries where it is set (up to the
+    first invalid one, as CUDA reads it), else every GPU the driver has (0 without a driver)."""
+    listed = env.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        count = 0
+        for entry in listed.split(","):
+            if not entry.strip() or entry.strip().startswith("-"):
+                break
+            count += 1
+        return count
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
+        return 0
+    try:
+        return int(nvml.nvmlDeviceGetCount())
+    except nvml.NVMLError:
+        return 0
+    finally:
+        nvml.nvmlShutdown()

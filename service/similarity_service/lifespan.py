@@ -108,7 +108,7 @@ class ServiceState:
         self.settings = settings
         self.metrics = metrics
         self._on_ready = on_ready  # called once, loaded and warm, just before readiness turns 200
-        self._workers = workers  # with several serving processes: which of them are ready
+        self.workers = workers  # with several serving processes: which of them are ready
         self._publishing: asyncio.Task[None] | None = None
         self.phase = Phase.LOADING
         self.error: str | None = None
@@ -132,10 +132,10 @@ class ServiceState:
     def check_ready(self) -> None:
         """Readiness: this process admits requests, and so does every sibling serving the same port."""
         self.ready_scorer()
-        if self._workers is not None and (warming := self._workers.warming()):
+        if self.workers is not None and (warming := self.workers.warming()):
             raise NotReady(
                 "workers_not_ready",
-                f"{warming} of {self.settings.workers} serving processes are not ready",
+                f"{warming} of {self.workers.count} serving processes are not ready",
                 retry_after_s=LOADING_RETRY_AFTER_S,
             )
 
@@ -190,8 +190,8 @@ class ServiceState:
             self._on_ready()
         self.phase = Phase.READY
         self.metrics.ready.set(1)
-        if self._workers is not None:
-            self._workers.set(True)
+        if self.workers is not None:
+            self.workers.set(True)
         for replica in engines:
             info = replica.info
             log.info("ready: %s in %s on %s (%s)", info.model_id, info.precision, info.device, info.device_name)
@@ -203,8 +203,8 @@ class ServiceState:
             if self.scorer is not None:
                 log.info("draining: %d pairs queued", self.scorer.batcher.stats.queued_pairs)
         self.metrics.ready.set(0)
-        if self._workers is not None:
-            self._workers.set(False)
+        if self.workers is not None:
+            self.workers.set(False)
         if self.scorer is None:
             return
         try:

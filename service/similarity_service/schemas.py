@@ -163,6 +163,8 @@ class InfoResponse(msgspec.Struct, frozen=True):
     profile: ProfileInfo | None
     version: str
     replicas: list[ReplicaInfo]  # one per device; the fields above describe replica 0
+    workers: int  # serving processes on this port (`structsim serve --workers`), each with its own replicas
+    worker: int  # the one that answered: `replicas` and `batching` are its own
 
 
 class LegacySimilarityResponse(msgspec.Struct, frozen=True):

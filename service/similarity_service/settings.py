@@ -87,17 +87,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ),
     ] = None
     workers: Annotated[
-        int,
+        Annotated[int, Meta(ge=1, le=16)] | Literal["auto"],
         Meta(
-            ge=1,
-            le=16,
             description="Serving processes on the one port, each a whole service (HTTP, tokenizer, batcher) with "
-            "its own engine on the same device(s). One Python process caps HTTP throughput near its one "
-            "core's speed well before a fast GPU is busy; more processes share the GPU and multiply the host "
-            "work. Each holds its own copy of the model and its CUDA graphs (~1-2 GB of GPU memory) and "
-            "warms up on its own. Readiness turns 200 when all are warm; metrics are summed over them.",
+            "its own engine on the same device(s). One Python process caps HTTP throughput well before a fast "
+            "GPU is busy; more processes share the GPU and multiply the host's work. Each holds its own copy "
+            "of the model and its CUDA graphs and warms up on its own; readiness turns 200 when all are warm, "
+            "and metrics are summed over them. `auto`: one per 4 CPU cores the process may use, at most 3, "
+            "where a GPU is used; 1 on the CPU.",
         ),
-    ] = 1
+    ] = "auto"
     max_seq_len: Annotated[
         int,
         Meta(

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from multiprocessing.sharedctypes import SynchronizedArray
 from types import FrameType
 
+from similarity_service.host import usable_cores, visible_gpus
 from similarity_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when a worker imports it
 EXIT_WORKER_FAILED = 1
 LISTEN_BACKLOG = 2048  # uvicorn's default
+# `workers: auto` on a GPU. On an H200 with a 16-core host, 32-pair requests from 16 clients: 1, 2 and 3
+# workers served 19.1k, 26.9k and 29.2k pairs/s (docs/performance.md); under such load a worker keeps
+# ~3 cores busy (event loop, tokenizer pool, runner), so more workers than cores/4 would only contend.
+AUTO_CORES_PER_WORKER = 4
+AUTO_MAX_WORKERS = 3  # the most measured
 
 # A worker: `target(settings, readiness, sockets)` serves until drained and returns its exit status.
 WorkerTarget = Callable[[Settings, "WorkerReadiness", list[socket.socket]], int]
@@ -56,6 +62,7 @@ class WorkerReadiness:
     def __init__(self, flags: SynchronizedArray[ctypes.c_bool], index: int) -> None:
         self._flags = flags
         self.index = index
+        self.count = len(flags)
 
     def set(self, ready: bool) -> None:
         self._flags[self.index] = ready
@@ -65,21 +72,32 @@ class WorkerReadiness:
         return len(self._flags) - sum(self._flags[:])
 
 
-def run_workers(settings: Settings, target: WorkerTarget) -> int:
-    """Serve with `settings.workers` processes; 0 once all drained cleanly."""
+def worker_count(settings: Settings, cores: int | None = None, gpus: int | None = None) -> int:
+    """`settings.workers`, with `auto` resolved for this host (`cores`, `gpus`: what it has, read if None)."""
+    if settings.workers != "auto":
+        return settings.workers
+    devices = settings.devices or settings.device
+    if devices.startswith("cpu") or (gpus if gpus is not None else visible_gpus()) == 0:
+        return 1  # CPU forwards take the cores themselves
+    cores = cores if cores is not None else usable_cores()
+    return max(1, min(AUTO_MAX_WORKERS, cores // AUTO_CORES_PER_WORKER))
+
+
+def run_workers(settings: Settings, target: WorkerTarget, count: int) -> int:
+    """Serve with `count` processes; 0 once all drained cleanly."""
     context = multiprocessing.get_context("spawn")  # no fork: CUDA and threads do not survive one
-    flags = context.Array(ctypes.c_bool, settings.workers)
+    flags = context.Array(ctypes.c_bool, count)
     metrics_dir = tempfile.mkdtemp(prefix="structsim-metrics-")
     os.environ[METRICS_DIR_ENV] = metrics_dir
     processes = [
         context.Process(target=_worker_main, args=(target, settings, flags, index), name=f"structsim-worker-{index}")
-        for index in range(settings.workers)
+        for index in range(count)
     ]
     supervisor = _Supervisor(processes, metrics_dir)
     try:
         for process in processes:
             process.start()
-        log.info("serving on %s:%d with %d workers", settings.host, settings.port, settings.workers)
+        log.info("serving on %s:%d with %d workers", settings.host, settings.port, count)
         return supervisor.wait()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -14,7 +14,7 @@ import socket
 import sys
 
 from similarity_service.settings import Settings, SettingsError, add_arguments, load_settings
-from similarity_service.workers import WorkerReadiness
+from similarity_service.workers import WorkerReadiness, run_workers, worker_count
 
 SHUTDOWN_GRACE_S = 5  # after draining: for responses still being written to finish
 # The runner thread gives up the GIL at every device sync; with Python's default 5 ms switch interval it
@@ -61,11 +61,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"structsim serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
-    if settings.workers == 1:
-        return serve(settings)
-    from similarity_service.workers import run_workers
-
-    return run_workers(settings, serve_worker)
+    count = worker_count(settings)
+    return serve(settings) if count == 1 else run_workers(settings, serve_worker, count)
 
 
 def configure_logging(settings: Settings, worker: int | None = None) -> None:
