@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from similarity_operator import gpus
+from similarity_operator import gpus, quantity
 from similarity_operator.spec import API_VERSION, KIND, Spec, TunedProfile
 
 SERVE_PORT = 8080
@@ -45,6 +45,10 @@ PRESTOP_SLEEP_S = 5
 # drain (drain_timeout_s, 25 s by default), uvicorn's 5 s to finish writing responses, and margin.
 # tests/operator checks it against serve's own settings.
 TERMINATION_GRACE_S = 45
+# serve's --workers per pod: one per this much requested CPU and memory, at most MAX_WORKERS.
+CPUS_PER_WORKER = 4
+MEMORY_PER_WORKER = 8 << 30
+MAX_WORKERS = 3
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -273,6 +277,18 @@ def _devices_args(spec: Spec) -> list[str]:
     return ["--devices", "auto"] if spec.gpus_per_pod > 1 else []
 
 
+def _workers_args(spec: Spec) -> list[str]:
+    """serve's `--workers` from what the pod requests: one serving process per 4 CPUs and 8Gi of memory
+    requested, 1 to 3 (serve's own `auto` counts the node's cores, which a pod without a CPU limit sees, and
+    each process takes ~3 cores and ~8 GB under load; docs/performance.md). Always rendered, so serve
+    never starts more processes than the scheduler reserved room for."""
+    requests = spec.resources.requests
+    cpus = quantity.parse(requests.get("cpu", "0")).value
+    memory = quantity.parse(requests.get("memory", "0")).value
+    count = min(MAX_WORKERS, int(cpus // CPUS_PER_WORKER), int(memory // MEMORY_PER_WORKER))
+    return ["--workers", str(max(1, count))]
+
+
 def _tolerations(spec: Spec) -> list[dict[str, Any]]:
     return [msgspec.to_builtins(toleration) for toleration in spec.tolerations]
 
@@ -312,6 +328,7 @@ def render_daemonset(owner: Owner, spec: Spec, product_label: str, config: Servi
         *config.args,
         *_exact_threshold_args(spec),
         *_devices_args(spec),
+        *_workers_args(spec),
         "--host",
         "0.0.0.0",
         "--port",

@@ -56,7 +56,7 @@ def create_app(
     """The service app; `engine_factory(settings)` loads and warms the engine (tests pass their own);
     `on_ready()` runs once it is loaded and warm, before readiness turns 200 (the serve command's hook);
     `workers` is given in each of several serving processes (workers.py), whose metrics are then shared."""
-    metrics = ServiceMetrics(os.environ[METRICS_DIR_ENV] if workers is not None else None)
+    metrics = ServiceMetrics(os.environ.get(METRICS_DIR_ENV) if workers is not None else None)
     service = ServiceState(settings, metrics, on_ready, workers)
     return Litestar(
         route_handlers=ROUTES,

@@ -8,10 +8,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import pynvml
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+UNLIMITED_V1 = 1 << 62  # cgroup v1 writes "no limit" as a page-rounded LONG_MAX
 
 
 def usable_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
@@ -41,9 +43,45 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
-def visible_gpus(env: Mapping[str, str] = os.environ, nvml: ModuleType = pynvml) -> int:
-    """NVIDIA GPUs CUDA would show this process: `CUDA_VISIBLE_DEVICES`' entries where it is set (up to the
-    first invalid one, as CUDA reads it), else every GPU the driver has (0 without a driver)."""
+def cgroup_memory_limit(root: Path = CGROUP_ROOT) -> int | None:
+    """Bytes of memory the cgroup may use (cgroup v2 `memory.max`, else v1's limit), or None where unlimited."""
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            limit = int(text)
+        except ValueError:
+            return None
+        return limit if limit < UNLIMITED_V1 else None
+    return None
+
+
+class Gpus(NamedTuple):
+    count: int  # NVIDIA GPUs CUDA would show this process
+    smallest_memory_bytes: int  # of the GPUs the driver shows; 0 without any
+
+
+def visible_gpus(env: Mapping[str, str] = os.environ, nvml: ModuleType = pynvml) -> Gpus:
+    """The GPUs CUDA would show: `CUDA_VISIBLE_DEVICES`' entries where it is set (up to the first invalid
+    one, as CUDA reads it), else every GPU the driver has; none without a driver."""
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
+        return Gpus(0, 0)
+    try:
+        handles = [nvml.nvmlDeviceGetHandleByIndex(index) for index in range(nvml.nvmlDeviceGetCount())]
+        memory = [int(nvml.nvmlDeviceGetMemoryInfo(handle).total) for handle in handles]
+    except nvml.NVMLError:
+        return Gpus(0, 0)
+    finally:
+        nvml.nvmlShutdown()
+    if not memory:
+        return Gpus(0, 0)
+    count = len(memory)
     listed = env.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         count = 0
@@ -51,14 +89,4 @@ def visible_gpus(env: Mapping[str, str] = os.environ, nvml: ModuleType = pynvml)
             if not entry.strip() or entry.strip().startswith("-"):
                 break
             count += 1
-        return count
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError:
-        return 0
-    try:
-        return int(nvml.nvmlDeviceGetCount())
-    except nvml.NVMLError:
-        return 0
-    finally:
-        nvml.nvmlShutdown()
+    return Gpus(count, min(memory))

@@ -93,8 +93,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "its own engine on the same device(s). One Python process caps HTTP throughput well before a fast "
             "GPU is busy; more processes share the GPU and multiply the host's work. Each holds its own copy "
             "of the model and its CUDA graphs and warms up on its own; readiness turns 200 when all are warm, "
-            "and metrics are summed over them. `auto`: one per 4 CPU cores the process may use, at most 3, "
-            "where a GPU is used; 1 on the CPU.",
+            "and metrics are summed over them. `auto`: where a GPU serves, one per 4 CPU cores the process may "
+            "use, at most 3, and fewer where the GPU's memory (16 GiB a worker) or the container's memory "
+            "limit (8 GiB a worker) is smaller; 1 on the CPU.",
         ),
     ] = "auto"
     max_seq_len: Annotated[

@@ -33,8 +33,9 @@ import threading
 from collections.abc import Callable
 from multiprocessing.sharedctypes import SynchronizedArray
 from types import FrameType
+from typing import NamedTuple
 
-from similarity_service.host import usable_cores, visible_gpus
+from similarity_service.host import Gpus, cgroup_memory_limit, usable_cores, visible_gpus
 from similarity_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,11 @@ LISTEN_BACKLOG = 2048  # uvicorn's default
 # ~3 cores busy (event loop, tokenizer pool, runner), so more workers than cores/4 would only contend.
 AUTO_CORES_PER_WORKER = 4
 AUTO_MAX_WORKERS = 3  # the most measured
+# Each worker held 7.4 GB of GPU memory there (model, CUDA graphs, allocator cache), and its process with
+# Inductor's compile workers 7.7 GB of host memory: room for twice that per worker on the GPU, and for that
+# under a memory limit, or `auto` means fewer.
+AUTO_GPU_MEMORY_PER_WORKER = 16 << 30
+AUTO_HOST_MEMORY_PER_WORKER = 8 << 30
 
 # A worker: `target(settings, readiness, sockets)` serves until drained and returns its exit status.
 WorkerTarget = Callable[[Settings, "WorkerReadiness", list[socket.socket]], int]
@@ -72,15 +78,34 @@ class WorkerReadiness:
         return len(self._flags) - sum(self._flags[:])
 
 
-def worker_count(settings: Settings, cores: int | None = None, gpus: int | None = None) -> int:
-    """`settings.workers`, with `auto` resolved for this host (`cores`, `gpus`: what it has, read if None)."""
+class HostResources(NamedTuple):
+    """What `workers: auto` weighs."""
+
+    cores: int  # usable by this process (affinity, cgroup CPU quota)
+    gpus: Gpus
+    memory_limit_bytes: int | None  # the cgroup's; None: unlimited
+
+    @classmethod
+    def read(cls) -> HostResources:
+        return cls(usable_cores(), visible_gpus(), cgroup_memory_limit())
+
+
+def worker_count(settings: Settings, host: HostResources | None = None) -> int:
+    """`settings.workers`, with `auto` resolved for `host` (read from this one if None)."""
     if settings.workers != "auto":
         return settings.workers
+    host = host or HostResources.read()
     devices = settings.devices or settings.device
-    if devices.startswith("cpu") or (gpus if gpus is not None else visible_gpus()) == 0:
+    if devices.startswith("cpu") or host.gpus.count == 0:
         return 1  # CPU forwards take the cores themselves
-    cores = cores if cores is not None else usable_cores()
-    return max(1, min(AUTO_MAX_WORKERS, cores // AUTO_CORES_PER_WORKER))
+    fits = [
+        AUTO_MAX_WORKERS,
+        host.cores // AUTO_CORES_PER_WORKER,
+        host.gpus.smallest_memory_bytes // AUTO_GPU_MEMORY_PER_WORKER,
+    ]
+    if host.memory_limit_bytes is not None:
+        fits.append(host.memory_limit_bytes // AUTO_HOST_MEMORY_PER_WORKER)
+    return max(1, min(fits))
 
 
 def run_workers(settings: Settings, target: WorkerTarget, count: int) -> int:

@@ -61,6 +61,25 @@ def test_a_service_name_starts_with_a_letter() -> None:
     assert render.endpoint(render.Owner("1st-sim", "ns", "u"), 8080) == f"http://{name}.ns.svc:8080"
 
 
+@pytest.mark.parametrize(
+    ("requests", "workers"),
+    [
+        ({}, "1"),
+        ({"cpu": "8", "memory": "16Gi"}, "2"),
+        ({"cpu": "16", "memory": "32Gi"}, "3"),
+        ({"cpu": "64", "memory": "256Gi"}, "3"),  # at most 3
+        ({"cpu": "16", "memory": "12Gi"}, "1"),  # the smaller of the two decides
+        ({"cpu": "7900m", "memory": "64Gi"}, "1"),
+        ({"cpu": "8"}, "1"),  # no memory request: nothing reserved for more
+    ],
+)
+def test_serving_processes_follow_the_requested_cpu_and_memory(requests: dict[str, str], workers: str) -> None:
+    spec = parse_spec({**SPEC, "resources": {"requests": requests}})
+    config = render.serving(spec, H100, None, None)
+    args = container(render.render_daemonset(OWNER, spec, "NVIDIA-H100-80GB-HBM3", config, "cm"))["args"]
+    assert args[args.index("--workers") + 1] == workers
+
+
 def test_the_serving_container_follows_the_contract() -> None:
     spec = parse_spec(
         {
@@ -86,6 +105,8 @@ def test_the_serving_container_follows_the_contract() -> None:
         "fp16",
         "--devices",
         "auto",  # gpusPerPod 2: the service serves on both GPUs of its limit
+        "--workers",
+        "1",  # the default requests (2 CPUs, 6Gi) hold one serving process
         "--host",
         "0.0.0.0",
         "--port",

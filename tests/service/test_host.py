@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from similarity_service.host import cgroup_cpu_quota, usable_cores
+from similarity_service.host import cgroup_cpu_quota, cgroup_memory_limit, usable_cores
 
 
 def _cgroup(root: Path, files: dict[str, str]) -> Path:
@@ -37,3 +37,18 @@ def test_usable_cores_are_the_affinity_mask_capped_by_the_quota_rounded_up(tmp_p
     assert usable_cores(_cgroup(tmp_path / "none", {})) == mask
     assert usable_cores(_cgroup(tmp_path / "small", {"cpu.max": "50000 100000"})) == 1  # half a CPU: one core
     assert usable_cores(_cgroup(tmp_path / "large", {"cpu.max": f"{100000 * (mask + 4)} 100000"})) == mask
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"memory.max": "max\n"}, None),  # v2, no limit
+        ({"memory.max": "8589934592\n"}, 8 << 30),  # v2, limits.memory: 8Gi
+        ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),  # v1, no limit
+        ({"memory/memory.limit_in_bytes": "4294967296\n"}, 4 << 30),  # v1, 4Gi
+        ({"memory.max": "garbage\n"}, None),
+        ({}, None),  # not in a container
+    ],
+)
+def test_the_cgroup_memory_limit(tmp_path: Path, files: dict[str, str], limit: int | None) -> None:
+    assert cgroup_memory_limit(_cgroup(tmp_path, files)) == limit
