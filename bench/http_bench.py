@@ -2,10 +2,11 @@
 
 Makes a synthetic StructBERT checkpoint (`structsim make-checkpoint`, not semantic: only its size
 and shape matter here), starts `structsim serve` on it as a separate process, and drives it with
-bench/loadgen.py from this process: open-loop Poisson arrivals of single pairs at rising rates, then
+bench/loadgen.py from client processes: open-loop Poisson arrivals of single pairs at rising rates, then
 closed-loop batch requests. For every run it records throughput, p50/p95/p99 and errors, and from
-the server's /metrics the mean batch size and queue wait. Cold start (process start → ready) and the
-exit status after SIGTERM are recorded too. Writes bench/results/http-<card>-<date>.json.
+the server's /metrics the mean batch size and queue wait. Cold start (process start → ready), the
+serving processes (`workers`), their memory after the load and the exit status after SIGTERM are
+recorded too. Writes bench/results/http-<card>-<date>.json.
 
 GPU:  python3 bench/http_bench.py                                   (base size, fp16, cuda)
 CPU:  python3 bench/http_bench.py --device cpu --size tiny --quick  (checks the script, not a benchmark)
