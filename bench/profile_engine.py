@@ -26,6 +26,7 @@ from workload import distinct_copies
 from similarity_service.checkpoint import make_checkpoint
 from similarity_service.corpus import load_corpus
 from similarity_service.packed_executor import graph_bucket, pack, split_by_tokens
+from similarity_service.packed_pairs import PackedPairs
 from similarity_service.runner import Engine
 
 
@@ -135,7 +136,7 @@ def main() -> None:
     report["sub_batches"] = len(ranges)
     with torch.inference_mode():  # as `run` does
         report["run_eager_ms"] = timed(
-            lambda: executor._launch_eager(ordered, engine.max_batch_tokens, engine.max_batch_size).cpu(), 3
+            lambda: executor._launch_eager(PackedPairs.of(ordered), engine.max_batch_tokens, engine.max_batch_size).cpu(), 3
         )
 
     # device-resident inputs: the forwards alone

@@ -29,7 +29,6 @@ forward of latency_kernels.py instead of the library one: 0.37 ms a replay inste
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -40,6 +39,7 @@ import torch
 from similarity_service.bert import BertSimilarity
 from similarity_service.engine_api import EncodedPair
 from similarity_service.packed import PackedWeights, VarlenAttention, packed_probabilities
+from similarity_service.packed_pairs import PackedPairs, cu_seqlens
 
 # Graph buckets: total tokens (incl. padding) and real sequence slots.
 GRAPH_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
@@ -161,20 +161,12 @@ def _single_pair_offsets(tokens: int, bucket: GraphBucket, max_seq_len: int) -> 
 def lengths_and_offsets(items: Sequence[EncodedPair]) -> tuple[np.ndarray, np.ndarray]:
     """Each pair's token count [N] and the cumulative offsets cu_seqlens [N + 1], both int32."""
     lengths = np.fromiter((len(item.input_ids) for item in items), dtype=np.int32, count=len(items))
-    cu = np.zeros(len(items) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=cu[1:])
-    return lengths, cu
+    return lengths, cu_seqlens(lengths)
 
 
 def pack(items: Sequence[EncodedPair]) -> tuple[np.ndarray, np.ndarray]:
     """(ids, types, positions) as one [3, T] int32 array, and cu_seqlens [N + 1] int32."""
-    lengths, cu = lengths_and_offsets(items)
-    total = int(cu[-1])
-    block = np.empty((3, total), dtype=np.int32)
-    block[0] = np.fromiter(itertools.chain.from_iterable(item.input_ids for item in items), np.int32, total)
-    block[1] = np.fromiter(itertools.chain.from_iterable(item.token_type_ids for item in items), np.int32, total)
-    block[2] = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1], lengths)
-    return block, cu
+    return PackedPairs.of(items).block(0, len(items))
 
 
 def split_by_tokens(cu: np.ndarray, max_tokens: int, max_pairs: int) -> list[tuple[int, int]]:
@@ -194,16 +186,14 @@ class PendingScores:
     """Scores of launched forwards, on the device in length order: `collect` waits for them and puts them back
     in the caller's order."""
 
-    def __init__(self, order: list[int], sorted_scores: torch.Tensor) -> None:
-        self._order = order
+    def __init__(self, order: np.ndarray, sorted_scores: torch.Tensor) -> None:
+        self._order = order  # the caller's index of each sorted position
         self._sorted_scores = sorted_scores
 
     def collect(self) -> list[float]:
-        sorted_scores = self._sorted_scores.cpu().tolist()
-        scores = [0.0] * len(self._order)
-        for position, index in enumerate(self._order):
-            scores[index] = sorted_scores[position]
-        return scores
+        scores = np.empty(len(self._order), dtype=np.float32)
+        scores[self._order] = self._sorted_scores.cpu().numpy()
+        return scores.tolist()
 
 
 class PackedExecutor:
@@ -275,13 +265,17 @@ class PackedExecutor:
             return self.launch_bulk(items, max_tokens=max_tokens, max_pairs=max_pairs).collect()
 
     def launch_bulk(self, items: Sequence[EncodedPair], *, max_tokens: int, max_pairs: int) -> PendingScores:
-        """Launch op-by-op forwards of `items` (at least one) in length-sorted sub-batches and return without
+        """`launch_packed` for a list of encoded pairs."""
+        return self.launch_packed(PackedPairs.of(items), max_tokens=max_tokens, max_pairs=max_pairs)
+
+    def launch_packed(self, pairs: PackedPairs, *, max_tokens: int, max_pairs: int) -> PendingScores:
+        """Launch op-by-op forwards of `pairs` (at least one) in length-sorted sub-batches and return without
         waiting for them: `Engine.score` tokenizes and launches the next chunk while the device runs this one.
         Raises torch.cuda.OutOfMemoryError as it comes."""
         # Length-sorted sub-batches: each forward's longest pair sets its attention grid (max_len).
-        order = sorted(range(len(items)), key=lambda index: len(items[index].input_ids))
+        order = np.argsort(pairs.lengths, kind="stable")
         with torch.inference_mode():
-            return PendingScores(order, self._launch_eager([items[index] for index in order], max_tokens, max_pairs))
+            return PendingScores(order, self._launch_eager(pairs.take(order), max_tokens, max_pairs))
 
     def _call(self, block: torch.Tensor, cu: torch.Tensor, max_len: int, *, latency: bool = False) -> torch.Tensor:
         sequences = cu.numel()
@@ -304,13 +298,13 @@ class PackedExecutor:
             self._forward = packed_probabilities
             return packed_probabilities(*args)
 
-    def _launch_eager(self, items: Sequence[EncodedPair], max_tokens: int, max_pairs: int) -> torch.Tensor:
+    def _launch_eager(self, pairs: PackedPairs, max_tokens: int, max_pairs: int) -> torch.Tensor:
         """Forwards launched back to back; their scores on the device, not yet read back. Each sub-batch is
-        packed and copied just before its launch, so the host packs the next one while the device runs this one."""
-        lengths, cu = lengths_and_offsets(items)
+        copied just before its launch, so the host prepares the next one while the device runs this one."""
+        lengths = pairs.lengths
         outputs = []
-        for start, end in split_by_tokens(cu, max_tokens, max_pairs):
-            block, offsets = pack(items[start:end])
+        for start, end in split_by_tokens(pairs.cu, max_tokens, max_pairs):
+            block, offsets = pairs.block(start, end)
             tokens = block.shape[1]
             # A fresh pinned buffer each time: the caching host allocator reuses it only once its copy is done.
             host = torch.empty(3 * tokens + len(offsets), dtype=torch.int32, pin_memory=self._pin)

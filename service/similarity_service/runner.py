@@ -36,6 +36,7 @@ from similarity_service.engine_api import EncodedPair, EngineInfo, EngineOutOfMe
 from similarity_service.model import UnsupportedModelError, fingerprint, load_model, resolve_model
 from similarity_service.packed import VarlenAttention, cuda_varlen_attention, reference_varlen_attention
 from similarity_service.packed_executor import PackedExecutor
+from similarity_service.packed_pairs import PackedPairs
 from similarity_service.precision import (
     describe_device,
     matmul_precision,
@@ -309,26 +310,28 @@ class Engine:
 
         A long list is tokenized chunk by chunk in a helper thread (the Rust tokenizer releases the GIL) and
         each chunk's forwards are launched before the chunk before it is read back, so the device runs one
-        chunk while the host tokenizes and packs the next. Pairs near an exact threshold are scored again in
-        fp32 once, at the end, all chunks' together.
+        chunk while the host tokenizes and packs the next. On the packed path chunks are tokenized straight
+        into flat arrays (packed_pairs.py). Pairs near an exact threshold are scored again in fp32 once, at
+        the end, all chunks' together.
         """
         if len(pairs) <= FIRST_SCORE_CHUNK_PAIRS:
             return self.score_encoded(self.encode(pairs), bulk=True)
         chunks = [pairs[start:end] for start, end in score_chunks(len(pairs))]
+        encode = self.encode if self._packed is None else self._tokenizer.encode_packed
         scores: list[float] = []
         near: list[int] = []
         near_items: list[EncodedPair] = []
 
-        def read_back(encoded: list[EncodedPair], collect: Callable[[], list[float]]) -> None:
+        def read_back(encoded: Sequence[EncodedPair], collect: Callable[[], list[float]]) -> None:
             chunk_scores = collect()
             chunk_near = self._near_thresholds(chunk_scores)
             near.extend(len(scores) + index for index in chunk_near)
             near_items.extend(encoded[index] for index in chunk_near)
             scores.extend(chunk_scores)
 
-        in_flight: tuple[list[EncodedPair], Callable[[], list[float]]] | None = None
+        in_flight: tuple[Sequence[EncodedPair], Callable[[], list[float]]] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="structsim-tokenize") as tokenizer_thread:
-            for encoded in tokenizer_thread.map(self.encode, chunks):
+            for encoded in tokenizer_thread.map(encode, chunks):
                 launched = (encoded, self._launch_bulk(encoded))
                 if in_flight is not None:
                     read_back(*in_flight)
@@ -338,22 +341,24 @@ class Engine:
         self._rescore(near_items, near, scores)
         return scores
 
-    def _launch_bulk(self, batch: list[EncodedPair]) -> Callable[[], list[float]]:
-        """Start scoring `batch` in the engine's precision (op by op on the packed path, without waiting for
-        the device); the returned callable reads the scores back."""
+    def _launch_bulk(self, batch: Sequence[EncodedPair]) -> Callable[[], list[float]]:
+        """Start scoring `batch` (a `PackedPairs` on the packed path) in the engine's precision, op by op
+        without waiting for the device; the returned callable reads the scores back."""
         if self._packed is None:
             scores = self._score_in_precision(batch, bulk=True)
             return lambda: scores
-        self._validate(batch)
+        if not isinstance(batch, PackedPairs):  # our tokenizer's arrays need no check
+            self._validate(batch)
+        packed = batch if isinstance(batch, PackedPairs) else PackedPairs.of(batch)
         try:
             with self._lock:
-                pending = self._packed.launch_bulk(batch, max_tokens=self.max_batch_tokens, max_pairs=self.max_batch_size)
+                pending = self._packed.launch_packed(packed, max_tokens=self.max_batch_tokens, max_pairs=self.max_batch_size)
         except torch.cuda.OutOfMemoryError:
             pass  # scored below, with `_run_packed`'s smaller forwards
         else:
             return pending.collect
         torch.cuda.empty_cache()
-        scores = self._score_in_precision(batch, bulk=True)
+        scores = self._score_in_precision(list(batch), bulk=True)
         return lambda: scores
 
     def score_encoded(self, batch: Sequence[EncodedPair], *, bulk: bool = False) -> list[float]:

@@ -13,10 +13,12 @@ served by ModelScope with the slow tokenizer's cut.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
@@ -24,6 +26,7 @@ from tokenizers.pre_tokenizers import BertPreTokenizer
 
 from similarity_service.engine_api import EncodedPair
 from similarity_service.host import usable_cores
+from similarity_service.packed_pairs import PackedPairs, cu_seqlens, ragged_ranges
 
 # BERT's special tokens; the slow tokenizer never splits them, so "[SEP]" typed in a sentence is one token.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -61,6 +64,18 @@ def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, in
     if len_a > len_b:
         return len_a - unequal - balanced // 2, len_b - (balanced - balanced // 2)
     return len_a - balanced // 2, len_b - unequal - (balanced - balanced // 2)
+
+
+def truncate_longest_first_arrays(len_a: np.ndarray, len_b: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """`truncate_longest_first` for arrays of pairs."""
+    excess = np.maximum(len_a + len_b - budget, 0)
+    unequal = np.minimum(np.abs(len_a - len_b), excess)
+    balanced = excess - unequal
+    first_cut = balanced // 2  # the second sentence loses the odd token
+    a_longer = len_a > len_b
+    keep_a = np.where(a_longer, len_a - unequal - first_cut, len_a - first_cut)
+    keep_b = np.where(a_longer, len_b - (balanced - first_cut), len_b - unequal - (balanced - first_cut))
+    return keep_a, keep_b
 
 
 def parallel_encode_min_pairs(cores: int) -> int:
@@ -112,6 +127,34 @@ class PairTokenizer:
             encodings = self._tokenizer.encode_batch_fast(sentences, add_special_tokens=False)
         ids = {sentence: encoding.ids for sentence, encoding in zip(sentences, encodings, strict=True)}
         return [self._join(ids[a], ids[b]) for a, b in pairs]
+
+    def encode_packed(self, pairs: Sequence[tuple[str, str]]) -> PackedPairs:
+        """`encode`'s pairs as flat arrays, joined and cut with numpy rather than a Python object per pair
+        (the bulk path's input: packed_pairs.py)."""
+        sentences = list(dict.fromkeys(sentence for pair in pairs for sentence in pair))
+        id_lists = [encoding.ids for encoding in self._tokenizer.encode_batch_fast(sentences, add_special_tokens=False)]
+        sentence_lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        sentence_starts = np.concatenate(([0], np.cumsum(sentence_lengths)[:-1])).astype(np.int64)
+        tokens = np.fromiter(itertools.chain.from_iterable(id_lists), np.int32, int(sentence_lengths.sum()))
+        index = {sentence: position for position, sentence in enumerate(sentences)}
+        first = np.fromiter((index[a] for a, _ in pairs), dtype=np.int64, count=len(pairs))
+        second = np.fromiter((index[b] for _, b in pairs), dtype=np.int64, count=len(pairs))
+        keep_a, keep_b = truncate_longest_first_arrays(
+            sentence_lengths[first], sentence_lengths[second], self.max_seq_len - SPECIAL_TOKENS_PER_PAIR
+        )
+        cu = cu_seqlens(keep_a + keep_b + SPECIAL_TOKENS_PER_PAIR)
+        ids = np.empty(int(cu[-1]), dtype=np.int32)
+        types = np.zeros(int(cu[-1]), dtype=np.int32)
+        first_sep = cu[:-1] + 1 + keep_a
+        ids[cu[:-1]] = self.cls_id
+        ids[first_sep] = self.sep_id
+        ids[cu[1:] - 1] = self.sep_id
+        ids[ragged_ranges(cu[:-1] + 1, keep_a)] = tokens[ragged_ranges(sentence_starts[first], keep_a)]
+        second_tokens = ragged_ranges(first_sep + 1, keep_b)
+        ids[second_tokens] = tokens[ragged_ranges(sentence_starts[second], keep_b)]
+        types[second_tokens] = 1
+        types[cu[1:] - 1] = 1
+        return PackedPairs(ids, types, cu)
 
     def _join(self, ids_a: list[int], ids_b: list[int]) -> EncodedPair:
         """`[CLS] a [SEP] b [SEP]`, type ids 0 up to the first [SEP] and 1 after, cut to fit `max_seq_len`."""

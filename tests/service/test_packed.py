@@ -12,6 +12,7 @@ from similarity_service.engine_api import EncodedPair
 from similarity_service.runner import FIRST_SCORE_CHUNK_PAIRS, Engine, score_chunks
 from similarity_service.model import load_model, resolve_model
 from similarity_service.packed import PackedWeights, packed_probabilities, reference_varlen_attention
+from similarity_service.packed_pairs import PackedPairs
 from similarity_service.packed_executor import (
     PackedExecutor,
     GRAPH_SEQUENCE_BUCKETS,
@@ -269,10 +270,10 @@ def test_a_long_list_on_the_packed_path_launches_each_chunk_before_reading_the_l
     `score_encoded` call, in order."""
     fp32, engine, executor = _packed_cpu_engine(tiny_model_dir)
     events: list[str] = []
-    launch_bulk = executor.launch_bulk
+    launch_packed = executor.launch_packed
 
-    def recording_launch(items: list[EncodedPair], **limits: int) -> object:
-        pending = launch_bulk(items, **limits)
+    def recording_launch(pairs: PackedPairs, **limits: int) -> object:
+        pending = launch_packed(pairs, **limits)
         chunk = sum(event.startswith("launch") for event in events)
         events.append(f"launch {chunk}")
 
@@ -283,7 +284,7 @@ def test_a_long_list_on_the_packed_path_launches_each_chunk_before_reading_the_l
 
         return Recorded()
 
-    monkeypatch.setattr(executor, "launch_bulk", recording_launch)
+    monkeypatch.setattr(executor, "launch_packed", recording_launch)
     pairs = chinese_pairs * (4 * FIRST_SCORE_CHUNK_PAIRS // len(chinese_pairs))  # chunks of 256 and 512 pairs, then the rest
     chunks = len(score_chunks(len(pairs)))
     assert chunks >= 3
@@ -296,16 +297,16 @@ def test_a_chunk_whose_launch_runs_out_of_memory_is_scored_with_smaller_forwards
     tiny_model_dir: Path, chinese_pairs: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fp32, engine, executor = _packed_cpu_engine(tiny_model_dir)
-    launch_bulk = executor.launch_bulk
+    launch_packed = executor.launch_packed
     launches = []
 
-    def second_launch_fails(items: list[EncodedPair], **limits: int) -> object:
-        launches.append(len(items))
+    def second_launch_fails(pairs: PackedPairs, **limits: int) -> object:
+        launches.append(len(pairs))
         if len(launches) == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return launch_bulk(items, **limits)
+        return launch_packed(pairs, **limits)
 
-    monkeypatch.setattr(executor, "launch_bulk", second_launch_fails)
+    monkeypatch.setattr(executor, "launch_packed", second_launch_fails)
     pairs = chinese_pairs * (4 * FIRST_SCORE_CHUNK_PAIRS // len(chinese_pairs))
     got = engine.score(pairs)
     assert len(launches) == len(score_chunks(len(pairs))) + 1  # the failed chunk once more, through run()
