@@ -215,20 +215,25 @@ def open_loop_in_processes(
     streams is a Poisson stream at the summed rate), started together, their records merged."""
     if processes < 1:
         raise ValueError("processes must be at least 1")
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_settle, range(processes)))  # every worker started and this module imported
+    recorder = _merged_from_processes(
+        _open_loop_process,
+        [(base_url, rate / processes, duration_s, list(pairs), route, pairs_per_request, timeout_s, seed + 7919 * index)
+         for index in range(processes)],
+    )
+    return recorder.result("open", route, pairs_per_request, rate, None)
+
+
+def _merged_from_processes(target: Callable[..., _Recorder], arguments: list[tuple[object, ...]]) -> _Recorder:
+    """`target(*args, start_at)` in one spawned client process per `arguments`, all starting at `start_at`;
+    their records merged."""
+    with ProcessPoolExecutor(len(arguments), mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_settle, range(len(arguments))))  # every worker started and this module imported
         start_at = time.perf_counter() + 0.2
-        jobs = [
-            pool.submit(
-                _open_loop_process, base_url, rate / processes, duration_s, list(pairs), route, pairs_per_request,
-                timeout_s, seed + 7919 * index, start_at,
-            )
-            for index in range(processes)
-        ]
+        jobs = [pool.submit(target, *args, start_at) for args in arguments]
         recorder = _Recorder()
         for job in jobs:
             recorder.merge(job.result())
-    return recorder.result("open", route, pairs_per_request, rate, None)
+    return recorder
 
 
 def _settle(_: int) -> None:
@@ -325,23 +330,15 @@ def closed_loop_in_processes(
     timeout_s: float = 30.0,
     seed: int = 0,
 ) -> LoadResult:
-    """`run_closed_loop` with its clients spread over `processes` client processes (one Python client
-    process spends ~0.3 ms of its own CPU per 32-pair request), started together, their records merged."""
+    """`run_closed_loop` with its clients spread over `processes` client processes (a Python client's own
+    CPU per request would otherwise cap a fast server's figure), started together, their records merged."""
     if not 1 <= processes <= concurrency:
         raise ValueError("processes must be between 1 and the concurrency")
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_settle, range(processes)))
-        start_at = time.perf_counter() + 0.2
-        jobs = [
-            pool.submit(
-                _closed_loop_process, base_url, concurrency // processes + (index < concurrency % processes),
-                duration_s, list(pairs), route, pairs_per_request, timeout_s, seed + 7919 * index, start_at,
-            )
-            for index in range(processes)
-        ]
-        recorder = _Recorder()
-        for job in jobs:
-            recorder.merge(job.result())
+    recorder = _merged_from_processes(
+        _closed_loop_process,
+        [(base_url, concurrency // processes + (index < concurrency % processes), duration_s, list(pairs), route,
+          pairs_per_request, timeout_s, seed + 7919 * index) for index in range(processes)],
+    )
     return recorder.result("closed", route, pairs_per_request, None, concurrency)
 
 

@@ -58,21 +58,26 @@ def serving(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.P
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "structsim serve not ready after 90 s:\n" + log.read_text()
-            time.sleep(0.1)
+        wait_until_ready(process, url, log, timeout_s=90)
         yield process, url, log
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def wait_until_ready(process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float) -> None:
+    """Until `/readyz` answers 200; fails with the server's log if it exits or takes longer than `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"structsim serve not ready after {timeout_s} s:\n" + log.read_text()
+        time.sleep(0.1)
 
 
 def queued_pairs(url: str) -> float:

@@ -29,7 +29,7 @@ from similarity_service.app import create_app
 from similarity_service.host import Gpus, visible_gpus
 from similarity_service.settings import Settings
 from similarity_service.workers import HostResources, WorkerReadiness, worker_count
-from test_shutdown import STRUCTSIM, free_port
+from test_shutdown import STRUCTSIM, free_port, wait_until_ready
 
 if TYPE_CHECKING:
     from similarity_service.runner import Engine
@@ -150,16 +150,7 @@ def served(tiny_model_dir: Path, tmp_path: Path, request: pytest.FixtureRequest)
     process = start(tiny_model_dir, log, port, *getattr(request, "param", ()))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "not ready after 120 s:\n" + log.read_text()
-            time.sleep(0.1)
+        wait_until_ready(process, url, log, timeout_s=120)
         yield Served(process=process, url=url, log=log, port=port)
     finally:
         for pid in workers_of(process.pid):
