@@ -2,12 +2,11 @@
 
 One Python process runs the event loop, the tokenizer's joins and the batcher's runner under one GIL,
 and on a fast GPU that caps HTTP throughput well before the GPU is busy (docs/performance.md). With
-`workers` > 1 the parent binds the port and spawns that many workers, each a whole service (HTTP,
-tokenizer, batcher, its own engine on the same device) accepting on the shared socket, so the kernel
-spreads connections over them and their kernels share the GPU.
+`workers` > 1 the parent spawns that many workers, each a whole service (HTTP, tokenizer, batcher, its
+own engine on the same device), whose kernels share the GPU.
 
 Each worker listens on a socket of its own bound with SO_REUSEPORT, so that the kernel spreads new
-connections over the workers evenly (by a hash of their addresses). A socket shared by all would give
+connections over the workers evenly (by a hash of their addresses). One socket shared by all would give
 each burst of connections to whichever worker woke first: uvloop accepts every pending connection at
 once, and a client's keep-alive connection then stays with that worker.
 
@@ -118,12 +117,9 @@ def run_workers(settings: Settings, target: WorkerTarget, count: int) -> int:
         context.Process(target=_worker_main, args=(target, settings, flags, index), name=f"structsim-worker-{index}")
         for index in range(count)
     ]
-    supervisor = _Supervisor(processes, metrics_dir)
     try:
-        for process in processes:
-            process.start()
         log.info("serving on %s:%d with %d workers", settings.host, settings.port, count)
-        return supervisor.wait()
+        return _Supervisor(processes, metrics_dir).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         del os.environ[METRICS_DIR_ENV]
@@ -173,9 +169,12 @@ class _Supervisor:
         self._stopping = False  # a signal came: workers exiting is expected
         self._failed = False  # a worker exited unasked, or not with 0
 
-    def wait(self) -> int:
+    def run(self) -> int:
+        """Start the workers and wait for all of them to exit; the exit status."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
+            for process in self._processes:
+                process.start()
             running = list(self._processes)
             while running:
                 ended = multiprocessing.connection.wait([process.sentinel for process in running])
@@ -198,13 +197,13 @@ class _Supervisor:
         if not self._stopping:
             log.error("%s exited with status %s: draining the others", process.name, process.exitcode)
             self._stopping = True
-            self._relay(signal.SIGTERM)
+            self._terminate_all()
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self._stopping = True
-        self._relay(signal.SIGTERM)  # the first drains; a second forces, in each worker as in a lone server
+        self._terminate_all()  # the first drains; a second forces, in each worker as in a lone server
 
-    def _relay(self, sig: int) -> None:
+    def _terminate_all(self) -> None:
         for process in self._processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, sig)
+            if process.pid is not None and process.exitcode is None:
+                os.kill(process.pid, signal.SIGTERM)
