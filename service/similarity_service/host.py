@@ -89,4 +89,4 @@ def visible_gpus(env: Mapping[str, str] = os.environ, nvml: ModuleType = pynvml)
             if not entry.strip() or entry.strip().startswith("-"):
                 break
             count += 1
-    return Gpus(count, min(memory))
+    return Gpus(min(count, len(memory)), min(memory))

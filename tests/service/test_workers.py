@@ -55,6 +55,7 @@ def test_without_cuda_visible_devices_the_driver_shows_the_gpus_and_their_smalle
     assert visible_gpus({}, nvml=_nvml([80 * GIB, 24 * GIB])) == Gpus(2, 24 * GIB)
     assert visible_gpus({}, nvml=_nvml([])) == Gpus(0, 0)
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0"}, nvml=_nvml(None)) == Gpus(0, 0)  # no driver
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2"}, nvml=_nvml([80 * GIB])) == Gpus(1, 80 * GIB)
 
 
 def _nvml(memory: list[int] | None) -> SimpleNamespace:
