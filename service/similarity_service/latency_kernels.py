@@ -5,10 +5,9 @@ its work: on an H200 cuBLAS takes 4-8 us a GEMM at 64 rows where reading the wei
 flash attention 6.4 us a layer for 64 tokens, and separate kernels add the GELU, the residual sum and the
 LayerNorms (bench/profile_engine.py, bench/triton_gemm_probe.py). Here a layer is 7 kernels:
 
-  qkv GEMM + bias -> attention (triton_attention.py's kernel, each sequence in one tile) -> attention_out
-  GEMM, split-K into an fp32 accumulator -> bias + residual + LayerNorm (writes the fp32 residual and its
-  fp16 copy, re-zeroes the accumulator) -> ffn_in GEMM + bias + exact GELU -> ffn_out GEMM, split-K ->
-  bias + residual + LayerNorm.
+  qkv GEMM + bias -> attention (each sequence's keys in one tile) -> attention_out GEMM, split-K into an
+  fp32 accumulator -> bias + residual + LayerNorm (writes the fp32 residual and its fp16 copy, re-zeroes
+  the accumulator) -> ffn_in GEMM + bias + exact GELU -> ffn_out GEMM, split-K -> bias + residual + LayerNorm.
 
 The numerics are the packed path's with an fp32 residual stream, except that attention_out's and ffn_out's
 products reach the residual in fp32 rather than rounded to fp16 first. Every row of a batch sits in one
@@ -22,6 +21,7 @@ is how the tests check them against the packed forward.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from similarity_service import triton_attention
 from similarity_service.packed import Norm, PackedWeights
 
 MAX_TOKENS = 64  # the batch's rows, all in one GEMM tile, and its longest sequence, all in one attention tile
@@ -144,14 +143,55 @@ def _residual_norm_kernel(acc_ptr, bias_ptr, x_ptr, gamma_ptr, beta_ptr, x16_ptr
     tl.store(acc_ptr + row * H + cols, tl.zeros((BLOCK_H,), dtype=tl.float32), mask=ok)  # ready for the next GEMM
 
 
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, cu_k_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Sequence s, head h: softmax(q k^T * scale) v over the sequence's keys, all in one tile (fp32 softmax)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    k_start = tl.load(cu_k_ptr + seq)
+    k_len = tl.load(cu_k_ptr + seq + 1) - k_start
+    rq = tl.arange(0, BLOCK_Q)
+    rk = tl.arange(0, BLOCK_K)
+    dims = tl.arange(0, HEAD_DIM)
+    q_ok = (rq < q_len)[:, None]
+    k_ok = (rk < k_len)[:, None]
+    q = tl.load(q_ptr + (q_start + rq)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=q_ok, other=0.0)
+    k = tl.load(k_ptr + (k_start + rk)[:, None] * stride_kt + head * stride_kh + dims[None, :], mask=k_ok, other=0.0)
+    v = tl.load(v_ptr + (k_start + rk)[:, None] * stride_vt + head * stride_vh + dims[None, :], mask=k_ok, other=0.0)
+    logits = tl.dot(q, tl.trans(k)) * scale_log2  # base-2 logits: exp2 below
+    logits = tl.where((rk < k_len)[None, :], logits, float("-inf"))
+    weights = tl.math.exp2(logits - tl.max(logits, axis=1)[:, None])
+    out = tl.dot(weights.to(v.dtype), v) / tl.sum(weights, axis=1)[:, None]
+    o_ptrs = o_ptr + (q_start + rq)[:, None] * stride_ot + head * stride_oh + dims[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=q_ok)
+
+
+def _tile(size: int) -> int:
+    return max(_MIN_TILE, triton.next_power_of_2(size))
+
+
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int
 ) -> torch.Tensor:
-    """`packed.VarlenAttention` for sequences of at most MAX_TOKENS tokens ([T, heads, dim] layout):
-    triton_attention's kernel, whose tiles then hold each sequence's queries and keys whole."""
+    """`packed.VarlenAttention` for sequences of at most MAX_TOKENS tokens ([T, heads, dim] layout)."""
     if max(max_q, max_k) > MAX_TOKENS:
         raise ValueError(f"the latency kernels take sequences of at most {MAX_TOKENS} tokens, got {max(max_q, max_k)}")
-    return triton_attention.launch(q, k, v, cu_q, cu_k, max_q, max_k)
+    heads, head_dim = q.shape[1], q.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
+    _attention_kernel[(cu_q.numel() - 1, heads)](
+        q, k, v, out, cu_q, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        scale_log2, HEAD_DIM=head_dim, BLOCK_Q=_tile(max_q), BLOCK_K=_tile(max_k), num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 class LatencyForward:
