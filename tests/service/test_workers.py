@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -129,11 +130,11 @@ def test_readiness_waits_for_every_worker_while_this_one_already_serves() -> Non
 # --- real `structsim serve --workers 2` -----------------------------------------------------------------
 
 
-class Served(SimpleNamespace):
+@dataclass(frozen=True)
+class Served:
     process: subprocess.Popen[bytes]
     url: str
     log: Path
-    port: int
 
 
 def start(tiny_model_dir: Path, log: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
@@ -152,7 +153,7 @@ def served(tiny_model_dir: Path, tmp_path: Path, request: pytest.FixtureRequest)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(process, url, log, timeout_s=120)
-        yield Served(process=process, url=url, log=log, port=port)
+        yield Served(process, url, log)
     finally:
         for pid in workers_of(process.pid):
             _kill(pid)
