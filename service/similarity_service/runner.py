@@ -342,17 +342,15 @@ class Engine:
         return scores
 
     def _launch_bulk(self, batch: Sequence[EncodedPair]) -> Callable[[], list[float]]:
-        """Start scoring `batch` (a `PackedPairs` on the packed path) in the engine's precision, op by op
-        without waiting for the device; the returned callable reads the scores back."""
+        """Start scoring `batch` in the engine's precision, op by op without waiting for the device; the returned
+        callable reads the scores back. On the packed path `batch` is our tokenizer's `PackedPairs` (no check)."""
         if self._packed is None:
             scores = self._score_in_precision(batch, bulk=True)
             return lambda: scores
-        if not isinstance(batch, PackedPairs):  # our tokenizer's arrays need no check
-            self._validate(batch)
-        packed = batch if isinstance(batch, PackedPairs) else PackedPairs.of(batch)
+        assert isinstance(batch, PackedPairs)
         try:
             with self._lock:
-                pending = self._packed.launch_packed(packed, max_tokens=self.max_batch_tokens, max_pairs=self.max_batch_size)
+                pending = self._packed.launch_packed(batch, max_tokens=self.max_batch_tokens, max_pairs=self.max_batch_size)
         except torch.cuda.OutOfMemoryError:
             pass  # scored below, with `_run_packed`'s smaller forwards
         else:

@@ -134,7 +134,7 @@ class PairTokenizer:
         sentences = list(dict.fromkeys(sentence for pair in pairs for sentence in pair))
         id_lists = [encoding.ids for encoding in self._tokenizer.encode_batch_fast(sentences, add_special_tokens=False)]
         sentence_lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-        sentence_starts = np.concatenate(([0], np.cumsum(sentence_lengths)[:-1])).astype(np.int64)
+        sentence_starts = cu_seqlens(sentence_lengths)[:-1]
         tokens = np.fromiter(itertools.chain.from_iterable(id_lists), np.int32, int(sentence_lengths.sum()))
         index = {sentence: position for position, sentence in enumerate(sentences)}
         first = np.fromiter((index[a] for a, _ in pairs), dtype=np.int64, count=len(pairs))
