@@ -11,7 +11,7 @@ import torch
 from similarity_service.engine_api import EncodedPair
 from similarity_service.runner import FIRST_SCORE_CHUNK_PAIRS, Engine, score_chunks
 from similarity_service.model import load_model, resolve_model
-from similarity_service.packed import PackedWeights, packed_probabilities, reference_varlen_attention
+from similarity_service.packed import PackedWeights, linear_gelu, packed_probabilities, reference_varlen_attention
 from similarity_service.packed_pairs import PackedPairs
 from similarity_service.packed_executor import (
     PackedExecutor,
@@ -165,6 +165,21 @@ def test_packed_forward_matches_padded_forward(tiny_model_dir: Path, chinese_pai
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, torch.sigmoid(expected), atol=1e-5, rtol=0)  # fp32 reduction order differs
     assert len(set(np.round(got.numpy(), 3))) > len(items) // 2  # not a constant output
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_is_linear_then_gelu_eager_and_compiled(approximate: str) -> None:
+    """The op the compiled forward keeps opaque: its math, and its fake (shape) under dynamic-shape tracing."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 16), torch.randn(48)
+    compiled = torch.compile(lambda x: linear_gelu(x, weight, bias, approximate), backend="aot_eager", dynamic=True)
+    for rows in (3, 17, 1):
+        x = torch.randn(rows, 16) * 3
+        expected = torch.nn.functional.gelu(x @ weight.T + bias, approximate=approximate)
+        torch.testing.assert_close(linear_gelu(x, weight, bias, approximate), expected)
+        torch.testing.assert_close(compiled(x), expected)
+    exact = linear_gelu(x, weight, bias, "none")
+    assert not torch.equal(exact, linear_gelu(x, weight, bias, "tanh"))  # the approximation is passed through
 
 
 def test_executor_packs_large_batches_like_the_padded_forward(
