@@ -23,7 +23,8 @@ from similarity_service.settings import Settings
 if TYPE_CHECKING:
     from similarity_service.runner import Engine
 
-TOLERANCE = 1e-6
+# fp32 on the CPU: a pair batched with others (padding, reduction order) moves by ~1e-6 on some CPUs
+TOLERANCE = 1e-5
 
 
 async def test_two_cpu_replicas_serve_correct_scores_and_report_each_replica(
