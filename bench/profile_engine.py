@@ -104,6 +104,35 @@ def forwards_breakdown(forwards) -> dict:
     }
 
 
+def device_timeline(call) -> dict:
+    """Where the device waits during one `call()`: kernel and copy intervals from the profiler, merged, and the
+    idle gaps between them (the host's part of a large call that does not overlap the device's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+    busy, gaps, (start, end) = 0.0, [], spans[0]
+    for lo, hi in spans[1:]:
+        if lo > end:
+            busy += end - start
+            gaps.append((lo - end, end - spans[0][0]))
+            start, end = lo, hi
+        else:
+            end = max(end, hi)
+    busy += end - start
+    span_us = end - spans[0][0]
+    return {
+        "first_to_last_ms": span_us / 1e3,
+        "busy_ms": busy / 1e3,
+        "idle_ms": (span_us - busy) / 1e3,
+        "gaps_over_0_2_ms": [{"at_ms": at / 1e3, "ms": gap / 1e3} for gap, at in sorted(gaps) if gap > 200][::-1][:20],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", action="store_true")
@@ -126,6 +155,10 @@ def main() -> None:
     }
 
     report["encode_ms"] = timed(lambda: engine.encode(pairs), 3)
+    # the whole offline call as bench/perf.py times it (tokenizing in chunks, overlapped with the forwards)
+    report["score_ms"] = timed(lambda: engine.score(pairs), 3)
+    report["score_pairs_s"] = len(pairs) / (report["score_ms"] / 1e3)
+    report["score_device_timeline"] = device_timeline(lambda: engine.score(pairs))
     report["score_encoded_ms"] = timed(lambda: engine.score_encoded(items), 3)
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     report["sort_ms"] = timed(lambda: sorted(range(len(items)), key=lambda i: len(items[i].input_ids)), 3)
