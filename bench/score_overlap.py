@@ -5,7 +5,11 @@ chunks before it, and launches each chunk before it reads the one before back; o
 tokenizing is not overlapped. This times `score` on the corpus x8 (the whole length mix, ~10k pairs per
 call) as it is, with chunks tokenized into `EncodedPair` lists (as before the packed-pairs path), and
 with each chunk read back before the next is launched (as before 32469d4), rounds interleaved, against
-`score_encoded` on the same pairs pre-tokenized (the bound: tokenizing fully hidden). Writes
+`score_encoded` on the same pairs pre-tokenized (the bound: tokenizing fully hidden). Three more variants
+ask whether the tokenizer thread slows the launching thread through the GIL (on an H100 the device idled
+106 of 336 ms of a `score` call: bench/profile_engine.py's device timeline): `score`'s loop on chunks
+tokenized beforehand (no tokenizer beside it), with the chunks tokenized in a separate process instead of a
+thread, and `score` with a 0.5 ms GIL switch interval instead of 5 ms. Writes
 bench/results/score_overlap-<card>-<date>.json (card, commit, date).
 
 GPU:  python3 bench/score_overlap.py --out-dir $OUT
@@ -16,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,7 +37,21 @@ from workload import distinct_copies, settled_heap
 from similarity_service import runner
 from similarity_service.checkpoint import make_checkpoint
 from similarity_service.corpus import load_corpus
+from similarity_service.packed_pairs import PackedPairs
 from similarity_service.runner import Engine
+from similarity_service.tokenization import PairTokenizer
+
+_process_tokenizer: PairTokenizer | None = None
+
+
+def _start_tokenizer(model_dir: str, max_seq_len: int) -> None:
+    global _process_tokenizer
+    _process_tokenizer = PairTokenizer(model_dir, max_seq_len=max_seq_len)
+
+
+def _encode_in_process(chunk: list[tuple[str, str]]) -> PackedPairs:
+    assert _process_tokenizer is not None
+    return _process_tokenizer.encode_packed(chunk)
 
 
 def main() -> None:
@@ -60,14 +81,15 @@ def main() -> None:
         return len(pairs) / (time.perf_counter() - start)
 
     names = ["ramped", "ramped, EncodedPair lists", "ramped, each chunk read back first", "ramped, graph replays",
-             "pre-tokenized bound", "pre-tokenized, graph replays"]
+             "pre-tokenized bound", "pre-tokenized, graph replays", "score's loop on chunks tokenized beforehand",
+             "ramped, tokenized in a process", "ramped, switch interval 0.5 ms"]
     rates: dict[str, list[float]] = {name: [] for name in names}
 
     def with_encoded_pair_lists() -> list[float]:
         """`score` as it was before the packed-pairs path: each chunk tokenized into `EncodedPair` lists, then
         packed into arrays again before its launch."""
         tokenizer = engine._tokenizer  # noqa: SLF001
-        tokenizer.encode_packed = tokenizer.encode  # type: ignore[method-assign]
+        tokenizer.encode_packed = lambda chunk: PackedPairs.of(tokenizer.encode(chunk))  # type: ignore[method-assign]
         try:
             return engine.score(pairs)
         finally:
@@ -83,6 +105,34 @@ def main() -> None:
                 scores += engine.score_encoded(batch, bulk=bulk)
         return scores
 
+    chunks = [pairs[start:end] for start, end in runner.score_chunks(len(pairs))]
+    packed_chunks = [engine._tokenizer.encode_packed(chunk) for chunk in chunks]  # noqa: SLF001
+
+    def launch_and_read_back(encoded_chunks: Iterable[PackedPairs]) -> list[float]:
+        """`Engine.score`'s loop (exact thresholds off): launch each chunk, then read the one before back."""
+        scores: list[float] = []
+        in_flight = None
+        for chunk in encoded_chunks:
+            launched = engine._launch_bulk(chunk)  # noqa: SLF001
+            if in_flight is not None:
+                scores += in_flight()
+            in_flight = launched
+        return scores + (in_flight() if in_flight is not None else [])
+
+    tokenizer_process = ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_tokenizer,
+        initargs=(str(model_dir), engine.info.max_seq_len),
+    )  # fmt: skip
+    tokenizer_process.submit(len, []).result()  # started and the tokenizer loaded
+
+    def with_switch_interval(seconds: float) -> list[float]:
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(seconds)
+        try:
+            return engine.score(pairs)
+        finally:
+            sys.setswitchinterval(before)
+
     engine.score(pairs)  # first call of this size: allocator and kernel choices settle
     with settled_heap():  # as `structsim score` runs
         for _ in range(args.rounds):
@@ -92,6 +142,12 @@ def main() -> None:
             rates["ramped, graph replays"].append(timed(lambda: chunk_by_chunk(bulk=False)))
             rates["pre-tokenized bound"].append(timed(lambda: engine.score_encoded(encoded, bulk=True)))
             rates["pre-tokenized, graph replays"].append(timed(lambda: engine.score_encoded(encoded)))
+            rates["score's loop on chunks tokenized beforehand"].append(timed(lambda: launch_and_read_back(packed_chunks)))
+            rates["ramped, tokenized in a process"].append(
+                timed(lambda: launch_and_read_back(tokenizer_process.map(_encode_in_process, chunks)))
+            )
+            rates["ramped, switch interval 0.5 ms"].append(timed(lambda: with_switch_interval(0.0005)))
+    tokenizer_process.shutdown()
     medians = {name: statistics.median(values) for name, values in rates.items()}
     for name, values in rates.items():
         print(f"{name:36s} median {medians[name]:9,.0f} pairs/s  (rounds {min(values):,.0f}-{max(values):,.0f})")
@@ -107,6 +163,9 @@ def main() -> None:
         "ramped_share_of_bound": medians["ramped"] / medians["pre-tokenized bound"],
         "pipelined_over_each_chunk_read_back_first": medians["ramped"] / medians["ramped, each chunk read back first"],
         "replays_over_op_by_op_tokenizing": medians["ramped, graph replays"] / medians["ramped, each chunk read back first"],
+        "tokenized_in_a_process_over_ramped": medians["ramped, tokenized in a process"] / medians["ramped"],
+        "switch_interval_0_5_ms_over_ramped": medians["ramped, switch interval 0.5 ms"] / medians["ramped"],
+        "loop_on_tokenized_chunks_over_ramped": medians["score's loop on chunks tokenized beforehand"] / medians["ramped"],
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"score_overlap-{card.replace(' ', '-')}-{now:%Y%m%d-%H%M%S}.json"
