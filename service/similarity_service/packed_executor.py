@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -182,17 +182,39 @@ def split_by_tokens(cu: np.ndarray, max_tokens: int, max_pairs: int) -> list[tup
     return ranges
 
 
-class PendingScores:
-    """Scores of launched forwards, on the device in length order: `collect` waits for them and puts them back
-    in the caller's order."""
+class Completion(Protocol):
+    def synchronize(self) -> None: ...
 
-    def __init__(self, order: np.ndarray, sorted_scores: torch.Tensor) -> None:
+
+class PendingScores:
+    """Scores of launched forwards in length order, on their way to a host buffer: `collect` waits for them
+    and puts them back in the caller's order.
+
+    `queued_behind` queues the copy to the host and an event right behind this call's forwards, so `collect`
+    waits for this call's work only. (Read back with `.cpu()`, the copy would queue behind everything launched
+    since, the next chunk's forwards included, and `Engine.score` would drain the device at every chunk.)
+    """
+
+    def __init__(self, order: np.ndarray, host_scores: torch.Tensor, done: Completion | None) -> None:
         self._order = order  # the caller's index of each sorted position
-        self._sorted_scores = sorted_scores
+        self._host_scores = host_scores  # filled once `done` has completed
+        self._done = done
+
+    @classmethod
+    def queued_behind(cls, order: np.ndarray, sorted_scores: torch.Tensor) -> PendingScores:
+        if not sorted_scores.is_cuda:
+            return cls(order, sorted_scores, None)
+        host = torch.empty(sorted_scores.shape, dtype=sorted_scores.dtype, pin_memory=True)
+        host.copy_(sorted_scores, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(sorted_scores.device))
+        return cls(order, host, done)
 
     def collect(self) -> list[float]:
+        if self._done is not None:
+            self._done.synchronize()
         scores = np.empty(len(self._order), dtype=np.float32)
-        scores[self._order] = self._sorted_scores.cpu().numpy()
+        scores[self._order] = self._host_scores.numpy()
         return scores.tolist()
 
 
@@ -275,7 +297,7 @@ class PackedExecutor:
         # Length-sorted sub-batches: each forward's longest pair sets its attention grid (max_len).
         order = np.argsort(pairs.lengths, kind="stable")
         with torch.inference_mode():
-            return PendingScores(order, self._launch_eager(pairs.take(order), max_tokens, max_pairs))
+            return PendingScores.queued_behind(order, self._launch_eager(pairs.take(order), max_tokens, max_pairs))
 
     def _call(self, block: torch.Tensor, cu: torch.Tensor, max_len: int, *, latency: bool = False) -> torch.Tensor:
         sequences = cu.numel()

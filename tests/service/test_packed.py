@@ -15,6 +15,7 @@ from similarity_service.packed import PackedWeights, linear_gelu, packed_probabi
 from similarity_service.packed_pairs import PackedPairs
 from similarity_service.packed_executor import (
     PackedExecutor,
+    PendingScores,
     GRAPH_SEQUENCE_BUCKETS,
     GRAPH_TOKEN_BUCKETS,
     graph_bucket,
@@ -276,6 +277,22 @@ def _packed_cpu_engine(model_dir: Path) -> tuple[Engine, Engine, PackedExecutor]
         cuda_graphs=False,
     )
     return fp32, engine, executor
+
+
+def test_pending_scores_wait_for_their_own_copy_and_return_the_callers_order() -> None:
+    """`collect` waits on the completion queued behind its own forwards (on CUDA, an event after the copy to a
+    pinned buffer), not on the device's whole queue, and only then reads the buffer."""
+    host = torch.zeros(3)
+    waited: list[bool] = []
+
+    class CopyLanding:
+        def synchronize(self) -> None:
+            waited.append(True)
+            host.copy_(torch.tensor([0.1, 0.2, 0.3]))  # the scores land when the work completes
+
+    pending = PendingScores(np.array([2, 0, 1]), host, CopyLanding())
+    assert pending.collect() == pytest.approx([0.2, 0.3, 0.1])
+    assert waited == [True]
 
 
 def test_a_long_list_on_the_packed_path_launches_each_chunk_before_reading_the_last_back(
