@@ -32,7 +32,6 @@ if "--check-cpu" in sys.argv:  # the interpreter reads this once, when triton is
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from provenance import git_commit  # noqa: E402
+from kernels_probe import timed  # noqa: E402
 from triton_ffn_in import LinearTiles, linear  # noqa: E402
 
 from similarity_service.packed import linear_gelu  # noqa: E402
@@ -65,17 +65,8 @@ TILES = [
 
 
 def device_ms(fn, reps: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median device ms of fn() (CUDA events)."""
+    return timed(fn, reps) * 1e3
 
 
 def check_cpu() -> None:
