@@ -210,28 +210,44 @@ def run_batches(
     return runs
 
 
+# The pause before each request of the paced series: a lone request at low load finds the server's threads,
+# the host's cores and the GPU idle (bench/idle_gap_probe.py: ~2x the back-to-back time on an H100 host).
+PACED_GAP_S = 0.010
+
+
 async def round_trips(url: str, rounds: int) -> dict[str, float]:
     """Sequential requests from one aiohttp connection, /healthz and /v1/similarity interleaved: the HTTP
-    round trip's floor (client, loopback and the server's framework) apart from scoring. The open-loop p50
-    at low load adds the client's own lateness (see `p50_from_send_ms` there)."""
+    round trip's floor (client, loopback and the server's framework) apart from scoring. Then one pair at a
+    time with a pause of PACED_GAP_S before each request: a lone request at low load, as a user sees it.
+    The open-loop p50 at low load adds the client's own lateness (see `p50_from_send_ms` there)."""
     import aiohttp
 
     body = json.dumps({"sentence1": "今天天气怎么样", "sentence2": "今天天气如何"}, ensure_ascii=False).encode()
-    times: dict[str, list[float]] = {"healthz": [], "similarity": []}
+    times: dict[str, list[float]] = {"healthz": [], "similarity": [], "paced": []}
+
+    async def timed(session: aiohttp.ClientSession, route: str) -> float:
+        start = time.perf_counter()
+        if route == "healthz":
+            answer = await session.get(f"{url}/healthz")
+        else:
+            answer = await session.post(f"{url}/v1/similarity", data=body, headers={"content-type": "application/json"})
+        await answer.read()
+        return (time.perf_counter() - start) * 1000
+
     async with aiohttp.ClientSession() as session:
         for turn in range(rounds * 200 + 100):
             route = "healthz" if turn % 2 else "similarity"
-            start = time.perf_counter()
-            if route == "healthz":
-                answer = await session.get(f"{url}/healthz")
-            else:
-                answer = await session.post(f"{url}/v1/similarity", data=body, headers={"content-type": "application/json"})
-            await answer.read()
+            elapsed = await timed(session, route)
             if turn >= 100:  # the first ones warm the connection
-                times[route].append((time.perf_counter() - start) * 1000)
+                times[route].append(elapsed)
+        for _ in range(rounds * 60):
+            await asyncio.sleep(PACED_GAP_S)
+            times["paced"].append(await timed(session, "similarity"))
     p50 = {route: float(sorted(values)[len(values) // 2]) for route, values in times.items()}
     return {"healthz_p50_ms": p50["healthz"], "similarity_p50_ms": p50["similarity"],
-            "similarity_beyond_healthz_p50_ms": p50["similarity"] - p50["healthz"], "requests_each": len(times["healthz"])}
+            "similarity_beyond_healthz_p50_ms": p50["similarity"] - p50["healthz"], "requests_each": len(times["healthz"]),
+            "similarity_after_pause_p50_ms": p50["paced"], "pause_ms": PACED_GAP_S * 1000,
+            "paced_requests": len(times["paced"])}
 
 
 def summarize(open_loop: list[dict[str, object]]) -> dict[str, float | None]:
