@@ -213,6 +213,33 @@ def run_batches(
 # The pause before each request of the paced series: a lone request at low load finds the server's threads,
 # the host's cores and the GPU idle (bench/idle_gap_probe.py: ~2x the back-to-back time on an H100 host).
 PACED_GAP_S = 0.010
+SHORT_PAIR = ("今天天气怎么样", "今天天气如何")
+SHORT_PAIR_BODY = json.dumps({"sentence1": SHORT_PAIR[0], "sentence2": SHORT_PAIR[1]}, ensure_ascii=False).encode()
+
+
+def p50_p90(times_ms: list[float]) -> dict[str, float | int]:
+    ordered = sorted(times_ms)
+    return {"p50_ms": ordered[len(ordered) // 2], "p90_ms": ordered[int(len(ordered) * 0.9)], "requests": len(ordered)}
+
+
+async def lone_requests(url: str, bodies: list[bytes], gap_s: float, requests: int) -> dict[str, float | int]:
+    """POST `bodies` in turn to `url` one at a time on one connection, sleeping `gap_s` before each; p50/p90 of
+    the `requests` after 50 that warm the connection. A non-200 answer ends the bench."""
+    import aiohttp
+
+    times = []
+    async with aiohttp.ClientSession() as session:
+        for turn in range(requests + 50):
+            if gap_s:
+                await asyncio.sleep(gap_s)
+            start = time.perf_counter()
+            async with session.post(url, data=bodies[turn % len(bodies)], headers={"content-type": "application/json"}) as answer:
+                await answer.read()
+                if answer.status != 200:
+                    raise SystemExit(f"status {answer.status} from {url}")
+            if turn >= 50:
+                times.append((time.perf_counter() - start) * 1000)
+    return p50_p90(times)
 
 
 async def round_trips(url: str, rounds: int) -> dict[str, float]:
@@ -222,32 +249,26 @@ async def round_trips(url: str, rounds: int) -> dict[str, float]:
     The open-loop p50 at low load adds the client's own lateness (see `p50_from_send_ms` there)."""
     import aiohttp
 
-    body = json.dumps({"sentence1": "今天天气怎么样", "sentence2": "今天天气如何"}, ensure_ascii=False).encode()
-    times: dict[str, list[float]] = {"healthz": [], "similarity": [], "paced": []}
-
-    async def timed(session: aiohttp.ClientSession, route: str) -> float:
-        start = time.perf_counter()
-        if route == "healthz":
-            answer = await session.get(f"{url}/healthz")
-        else:
-            answer = await session.post(f"{url}/v1/similarity", data=body, headers={"content-type": "application/json"})
-        await answer.read()
-        return (time.perf_counter() - start) * 1000
-
+    times: dict[str, list[float]] = {"healthz": [], "similarity": []}
     async with aiohttp.ClientSession() as session:
         for turn in range(rounds * 200 + 100):
             route = "healthz" if turn % 2 else "similarity"
-            elapsed = await timed(session, route)
+            start = time.perf_counter()
+            if route == "healthz":
+                answer = await session.get(f"{url}/healthz")
+            else:
+                answer = await session.post(
+                    f"{url}/v1/similarity", data=SHORT_PAIR_BODY, headers={"content-type": "application/json"}
+                )
+            await answer.read()
             if turn >= 100:  # the first ones warm the connection
-                times[route].append(elapsed)
-        for _ in range(rounds * 60):
-            await asyncio.sleep(PACED_GAP_S)
-            times["paced"].append(await timed(session, "similarity"))
+                times[route].append((time.perf_counter() - start) * 1000)
+    paced = await lone_requests(f"{url}/v1/similarity", [SHORT_PAIR_BODY], PACED_GAP_S, rounds * 60)
     p50 = {route: float(sorted(values)[len(values) // 2]) for route, values in times.items()}
     return {"healthz_p50_ms": p50["healthz"], "similarity_p50_ms": p50["similarity"],
             "similarity_beyond_healthz_p50_ms": p50["similarity"] - p50["healthz"], "requests_each": len(times["healthz"]),
-            "similarity_after_pause_p50_ms": p50["paced"], "pause_ms": PACED_GAP_S * 1000,
-            "paced_requests": len(times["paced"])}
+            "similarity_after_pause_p50_ms": paced["p50_ms"], "pause_ms": PACED_GAP_S * 1000,
+            "paced_requests": paced["requests"]}
 
 
 def summarize(open_loop: list[dict[str, object]]) -> dict[str, float | None]:

@@ -22,30 +22,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import aiohttp
-from http_bench import Server, make_checkpoint
+from http_bench import SHORT_PAIR, SHORT_PAIR_BODY, Server, lone_requests, make_checkpoint, p50_p90
 from loadgen import corpus_pairs
 from provenance import git_commit
 
 GAPS_MS = (0.0, 2.0, 10.0)
 REQUESTS = 400
-
-
-async def series(url: str, bodies: list[bytes], gap_ms: float) -> dict[str, float]:
-    times = []
-    async with aiohttp.ClientSession() as session:
-        for turn in range(REQUESTS + 50):
-            if gap_ms:
-                await asyncio.sleep(gap_ms / 1000)
-            start = time.perf_counter()
-            async with session.post(url, data=bodies[turn % len(bodies)], headers={"content-type": "application/json"}) as answer:
-                await answer.read()
-                if answer.status != 200:
-                    raise SystemExit(f"status {answer.status}")
-            if turn >= 50:  # the first ones warm the connection
-                times.append((time.perf_counter() - start) * 1000)
-    times.sort()
-    return {"p50_ms": times[len(times) // 2], "p90_ms": times[int(len(times) * 0.9)], "requests": len(times)}
 
 
 def in_process(model_dir: Path, device: str, precision: str) -> list[dict[str, object]]:
@@ -55,19 +37,17 @@ def in_process(model_dir: Path, device: str, precision: str) -> list[dict[str, o
     engine = Engine.load(model_dir, precision=precision, device=device, compile_model=False)
     engine.warmup()
     runs = []
-    for label, pairs in (("short pair", [("今天天气怎么样", "今天天气如何")]), ("corpus", corpus_pairs())):
+    for label, pairs in (("short pair", [SHORT_PAIR]), ("corpus", corpus_pairs())):
         for gap in GAPS_MS:
             times = []
-            for turn in range(REQUESTS + 50):
+            for turn in range(REQUESTS + 50):  # as `lone_requests`: the first 50 warm up
                 if gap:
                     time.sleep(gap / 1000)
                 start = time.perf_counter()
                 engine.score([pairs[turn % len(pairs)]])
                 if turn >= 50:
                     times.append((time.perf_counter() - start) * 1000)
-            times.sort()
-            run = {"workers": "in-process", "pairs": label, "gap_ms": gap, "p50_ms": times[len(times) // 2],
-                   "p90_ms": times[int(len(times) * 0.9)], "requests": len(times)}
+            run = {"workers": "in-process", "pairs": label, "gap_ms": gap, **p50_p90(times)}
             print(json.dumps(run), flush=True)
             runs.append(run)
     return runs
@@ -80,7 +60,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
-    short = [json.dumps({"sentence1": "今天天气怎么样", "sentence2": "今天天气如何"}, ensure_ascii=False).encode()]
+    short = [SHORT_PAIR_BODY]
     corpus = [json.dumps({"sentence1": a, "sentence2": b}, ensure_ascii=False).encode() for a, b in corpus_pairs()]
     record: dict[str, object] = {"benchmark": "idle_gap_probe", "commit": git_commit(),
                                  "date": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -94,7 +74,7 @@ def main() -> None:
                 url = server.url + "/v1/similarity"
                 for label, bodies in (("short pair", short), ("corpus", corpus)):
                     for gap in GAPS_MS:
-                        result = asyncio.run(series(url, bodies, gap))
+                        result = asyncio.run(lone_requests(url, bodies, gap / 1000, REQUESTS))
                         run = {"workers": workers, "pairs": label, "gap_ms": gap, **result}
                         record["runs"].append(run)  # type: ignore[union-attr]
                         print(json.dumps(run), flush=True)

@@ -10,7 +10,7 @@ programs grouped GROUP_M row blocks at a time so neighbouring programs share W's
 - `_linear_kernel`: one program per BLOCK_M x BLOCK_N output tile, pointer loads (Triton's matmul tutorial);
 - `_linear_persistent_kernel`: one program per SM looping over the tiles, operands and output through TMA
   descriptors (Hopper and later), so one tile's epilogue overlaps the next tile's loads.
-On the CPU they run in Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check them.
+On the CPU they run in Triton's interpreter: `bench/ffn_gemm_probe.py --check-cpu` checks them against torch.
 """
 
 from __future__ import annotations
