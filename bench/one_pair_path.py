@@ -1,6 +1,7 @@
 """Where one pair's time goes at low load: the served path's layers, each timed on its own.
 
-One request at a time (the next sent when the last is answered), the same pair, each stage p50 and p90:
+One request at a time (the next sent `gap` after the last was answered), the same pair, each stage p50 and
+p90, for each gap in `--gaps-ms` (0: back to back; 10: threads asleep and cores idle before each request):
   engine         `Engine.score([pair])` in this thread: tokenize, replay, read back (perf.py's "single")
   encoder_hop    the tokenizer thread (`Encoder`), then `score_encoded` here
   batcher_hop    tokenize here, then `Batcher.submit`: the runner thread runs the forward
@@ -9,7 +10,7 @@ One request at a time (the next sent when the last is answered), the same pair, 
                  http.client keep-alive connection and from aiohttp (http_bench's client)
 The differences between the stages price each hop. Not a benchmark of record: a map for the next change.
 
-GPU:  python3 bench/one_pair_path.py --out-dir $OUT
+GPU:  python3 bench/one_pair_path.py --out-dir $OUT   (add --gaps-ms 0 10 --requests 400 for the idle cost)
 CPU:  python3 bench/one_pair_path.py --device cpu --size tiny --requests 200   (checks the script)
 """
 
@@ -51,25 +52,34 @@ def summary(times_ms: list[float]) -> dict[str, float]:
     return {"p50_ms": statistics.median(kept), "p90_ms": kept[int(0.9 * len(kept))], "requests": len(kept)}
 
 
-def timed_sync(call: Callable[[], object], count: int) -> dict[str, float]:
+def gap_suffix(gap_ms: float) -> str:
+    """Stage names keep their old form back to back; a gap is named after it."""
+    return f"_after_{gap_ms:g}ms" if gap_ms else ""
+
+
+def timed_sync(call: Callable[[], object], count: int, gap_s: float) -> dict[str, float]:
     times = []
     for _ in range(count + WARMUP):
+        if gap_s:
+            time.sleep(gap_s)
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) * 1e3)
     return summary(times)
 
 
-async def timed_async(call: Callable[[], Awaitable[object]], count: int) -> dict[str, float]:
+async def timed_async(call: Callable[[], Awaitable[object]], count: int, gap_s: float) -> dict[str, float]:
     times = []
     for _ in range(count + WARMUP):
+        if gap_s:
+            await asyncio.sleep(gap_s)  # the loop sleeps in its selector, as a server's does between requests
         start = time.perf_counter()
         await call()
         times.append((time.perf_counter() - start) * 1e3)
     return summary(times)
 
 
-async def in_process(engine: Engine, count: int) -> dict[str, dict[str, float]]:
+async def in_process(engine: Engine, count: int, gap_s: float) -> dict[str, dict[str, float]]:
     settings = Settings()
     batcher = Batcher(
         engine, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
@@ -84,10 +94,10 @@ async def in_process(engine: Engine, count: int) -> dict[str, dict[str, float]]:
         engine.score_encoded(await encoder.encode([PAIR]))
 
     stages = {
-        "engine": timed_sync(lambda: engine.score([PAIR]), count),
-        "encoder_hop": await timed_async(encoder_hop, count),
-        "batcher_hop": await timed_async(lambda: batcher.submit(engine.encode([PAIR])), count),
-        "scorer": await timed_async(lambda: scorer.similarity(*PAIR), count),
+        "engine": timed_sync(lambda: engine.score([PAIR]), count, gap_s),
+        "encoder_hop": await timed_async(encoder_hop, count, gap_s),
+        "batcher_hop": await timed_async(lambda: batcher.submit(engine.encode([PAIR])), count, gap_s),
+        "scorer": await timed_async(lambda: scorer.similarity(*PAIR), count, gap_s),
     }
     await batcher.drain()
     await batcher.close()
@@ -95,7 +105,7 @@ async def in_process(engine: Engine, count: int) -> dict[str, dict[str, float]]:
     return stages
 
 
-def over_http(url: str, count: int) -> dict[str, dict[str, float]]:
+def over_http(url: str, count: int, gap_s: float) -> dict[str, dict[str, float]]:
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port))
     headers = {"content-type": "application/json"}
@@ -107,8 +117,8 @@ def over_http(url: str, count: int) -> dict[str, dict[str, float]]:
         assert answer.status == 200, answer.status
 
     stages = {
-        "http_stdlib_healthz": timed_sync(lambda: get("/healthz"), count),
-        "http_stdlib_similarity": timed_sync(lambda: get("/v1/similarity", BODY), count),
+        "http_stdlib_healthz": timed_sync(lambda: get("/healthz"), count, gap_s),
+        "http_stdlib_similarity": timed_sync(lambda: get("/v1/similarity", BODY), count, gap_s),
     }
     connection.close()
 
@@ -123,8 +133,8 @@ def over_http(url: str, count: int) -> dict[str, dict[str, float]]:
                 async with session.post(f"{url}/v1/similarity", data=BODY, headers=headers) as answer:
                     await answer.read()
 
-            stages["http_aiohttp_healthz"] = await timed_async(healthz, count)
-            stages["http_aiohttp_similarity"] = await timed_async(similarity, count)
+            stages["http_aiohttp_healthz"] = await timed_async(healthz, count, gap_s)
+            stages["http_aiohttp_similarity"] = await timed_async(similarity, count, gap_s)
 
     asyncio.run(with_aiohttp())
     return stages
@@ -137,6 +147,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2_000)
     parser.add_argument("--loops", nargs="+", choices=("asyncio", "uvloop"), default=["asyncio"],
                         help="event loops to run the in-process stages on (uvicorn picks uvloop where installed)")
+    parser.add_argument("--gaps-ms", type=float, nargs="+", default=[0.0],
+                        help="pause before each request; every stage runs once per gap")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--out-dir", type=Path)
     args = parser.parse_args()
@@ -151,19 +163,22 @@ def main() -> None:
         for loop in args.loops:
             factory = __import__("uvloop").new_event_loop if loop == "uvloop" else None
             prefix = "" if loop == "asyncio" else "uvloop_"
-            with asyncio.Runner(loop_factory=factory) as runner:
-                ran = runner.run(in_process(engine, args.requests))
-            stages |= {prefix + name: stage for name, stage in ran.items()}
+            for gap_ms in args.gaps_ms:
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    ran = runner.run(in_process(engine, args.requests, gap_ms / 1000))
+                stages |= {prefix + name + gap_suffix(gap_ms): stage for name, stage in ran.items()}
         del engine
         if not args.skip_http:
             server = http_bench.Server(model_dir, args.device, precision, [], Path(scratch) / "serve.log")
             try:
                 server.wait_ready(600)
-                stages |= over_http(server.url, args.requests)
+                for gap_ms in args.gaps_ms:
+                    ran = over_http(server.url, args.requests, gap_ms / 1000)
+                    stages |= {name + gap_suffix(gap_ms): stage for name, stage in ran.items()}
             finally:
                 server.stop()
     for name, stage in stages.items():
-        print(f"{name:24s} p50 {stage['p50_ms']:.3f} ms  p90 {stage['p90_ms']:.3f} ms", flush=True)
+        print(f"{name:40s} p50 {stage['p50_ms']:.3f} ms  p90 {stage['p90_ms']:.3f} ms", flush=True)
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         record = {
