@@ -9,10 +9,13 @@ with each chunk read back before the next is launched (as before 32469d4), round
 ask whether the tokenizer thread slows the launching thread through the GIL (on an H100 the device idled
 106 of 336 ms of a `score` call: bench/profile_engine.py's device timeline): `score`'s loop on chunks
 tokenized beforehand (no tokenizer beside it), with the chunks tokenized in a separate process instead of a
-thread, and `score` with a 0.5 ms GIL switch interval instead of 5 ms. Writes
+thread, and `score` with a 0.5 ms GIL switch interval instead of 5 ms. `--ramps` times `score` with other chunk
+ramps instead (first chunk, growth factor: runner.FIRST_SCORE_CHUNK_PAIRS and SCORE_CHUNK_GROWTH), beside the
+loop on chunks tokenized beforehand: with the read-back fixed, an H200's device still idled 15 of 243 ms of a
+call, all in its first 25 ms (bench/profile_engine.py's timeline). Writes
 bench/results/score_overlap-<card>-<date>.json (card, commit, date).
 
-GPU:  python3 bench/score_overlap.py --out-dir $OUT
+GPU:  python3 bench/score_overlap.py --out-dir $OUT   [--ramps 256x2 256x1.5 128x1.5 512x1.5]
 CPU:  python3 bench/score_overlap.py --device cpu --size tiny --rounds 1   (checks the script)
 """
 
@@ -62,6 +65,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--copies", type=int, default=8, help="the corpus this many times per call")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--ramps", nargs="+", metavar="FIRSTxGROWTH",
+                        help="time `score` with these chunk ramps (e.g. 256x2 128x1.5) instead of the variants")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
 
@@ -83,7 +88,18 @@ def main() -> None:
     names = ["ramped", "ramped, EncodedPair lists", "ramped, each chunk read back first", "ramped, graph replays",
              "pre-tokenized bound", "pre-tokenized, graph replays", "score's loop on chunks tokenized beforehand",
              "ramped, tokenized in a process", "ramped, switch interval 0.5 ms"]
+    if args.ramps:
+        names = [f"ramp {ramp}" for ramp in args.ramps] + ["score's loop on chunks tokenized beforehand"]
     rates: dict[str, list[float]] = {name: [] for name in names}
+
+    def with_ramp(ramp: str) -> list[float]:
+        first, growth = ramp.split("x")
+        before = runner.FIRST_SCORE_CHUNK_PAIRS, runner.SCORE_CHUNK_GROWTH
+        runner.FIRST_SCORE_CHUNK_PAIRS, runner.SCORE_CHUNK_GROWTH = int(first), float(growth)
+        try:
+            return engine.score(pairs)
+        finally:
+            runner.FIRST_SCORE_CHUNK_PAIRS, runner.SCORE_CHUNK_GROWTH = before
 
     def with_encoded_pair_lists() -> list[float]:
         """`score` as it was before the packed-pairs path: each chunk tokenized into `EncodedPair` lists, then
@@ -135,7 +151,11 @@ def main() -> None:
 
     engine.score(pairs)  # first call of this size: allocator and kernel choices settle
     with settled_heap():  # as `structsim score` runs
-        for _ in range(args.rounds):
+        for _ in range(args.rounds if args.ramps else 0):
+            for ramp in args.ramps:
+                rates[f"ramp {ramp}"].append(timed(lambda ramp=ramp: with_ramp(ramp)))
+            rates["score's loop on chunks tokenized beforehand"].append(timed(lambda: launch_and_read_back(packed_chunks)))
+        for _ in range(0 if args.ramps else args.rounds):
             rates["ramped"].append(timed(lambda: engine.score(pairs)))
             rates["ramped, EncodedPair lists"].append(timed(with_encoded_pair_lists))
             rates["ramped, each chunk read back first"].append(timed(lambda: chunk_by_chunk(bulk=True)))
@@ -159,14 +179,17 @@ def main() -> None:
         "torch": torch.__version__, "model": f"synthetic StructBERT-{args.size} (seed 0; not semantic)",
         "precision": engine.info.precision, "pairs_per_call": len(pairs), "rounds": args.rounds,
         "pairs_per_s": rates, "median_pairs_per_s": medians,
-        "packed_pairs_over_encoded_pair_lists": medians["ramped"] / medians["ramped, EncodedPair lists"],
-        "ramped_share_of_bound": medians["ramped"] / medians["pre-tokenized bound"],
-        "pipelined_over_each_chunk_read_back_first": medians["ramped"] / medians["ramped, each chunk read back first"],
-        "replays_over_op_by_op_tokenizing": medians["ramped, graph replays"] / medians["ramped, each chunk read back first"],
-        "tokenized_in_a_process_over_ramped": medians["ramped, tokenized in a process"] / medians["ramped"],
-        "switch_interval_0_5_ms_over_ramped": medians["ramped, switch interval 0.5 ms"] / medians["ramped"],
-        "loop_on_tokenized_chunks_over_ramped": medians["score's loop on chunks tokenized beforehand"] / medians["ramped"],
     }
+    if not args.ramps:
+        report |= {
+            "packed_pairs_over_encoded_pair_lists": medians["ramped"] / medians["ramped, EncodedPair lists"],
+            "ramped_share_of_bound": medians["ramped"] / medians["pre-tokenized bound"],
+            "pipelined_over_each_chunk_read_back_first": medians["ramped"] / medians["ramped, each chunk read back first"],
+            "replays_over_op_by_op_tokenizing": medians["ramped, graph replays"] / medians["ramped, each chunk read back first"],
+            "tokenized_in_a_process_over_ramped": medians["ramped, tokenized in a process"] / medians["ramped"],
+            "switch_interval_0_5_ms_over_ramped": medians["ramped, switch interval 0.5 ms"] / medians["ramped"],
+            "loop_on_tokenized_chunks_over_ramped": medians["score's loop on chunks tokenized beforehand"] / medians["ramped"],
+        }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"score_overlap-{card.replace(' ', '-')}-{now:%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps(report, indent=2))

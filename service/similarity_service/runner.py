@@ -53,8 +53,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_TOKENS = 32_768
 DEFAULT_MAX_BATCH_SIZE = 256
 # `score` tokenizes long inputs in chunks, overlapped with scoring: the first is small, so the device
-# starts early (its tokenizing is the only part not overlapped), and they double up to SCORE_CHUNK_PAIRS.
+# starts early (its tokenizing is the only part not overlapped), and each next one is SCORE_CHUNK_GROWTH
+# times larger, up to SCORE_CHUNK_PAIRS.
 FIRST_SCORE_CHUNK_PAIRS = 256
+SCORE_CHUNK_GROWTH = 2.0
 SCORE_CHUNK_PAIRS = 2_048
 # Sub-batches are padded up to a multiple of this many tokens: few distinct shapes (each warmed up
 # once), little padding (at most bucket_multiple - 1 tokens a pair), and Tensor Core-friendly sizes.
@@ -72,12 +74,13 @@ THRESHOLD_MARGINS = {"fp16": 2e-3, "tf32": 2e-3, "bf16": 1.5e-2}
 
 
 def score_chunks(count: int) -> list[tuple[int, int]]:
-    """[start, end) ranges that cover `count` pairs: FIRST_SCORE_CHUNK_PAIRS, then doubling up to SCORE_CHUNK_PAIRS."""
+    """[start, end) ranges that cover `count` pairs: FIRST_SCORE_CHUNK_PAIRS, then SCORE_CHUNK_GROWTH times the
+    last, up to SCORE_CHUNK_PAIRS."""
     ranges, start, size = [], 0, FIRST_SCORE_CHUNK_PAIRS
     while start < count:
         ranges.append((start, min(start + size, count)))
         start += size
-        size = min(2 * size, SCORE_CHUNK_PAIRS)
+        size = min(int(SCORE_CHUNK_GROWTH * size), SCORE_CHUNK_PAIRS)
     return ranges
 
 

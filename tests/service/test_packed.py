@@ -218,15 +218,20 @@ def test_score_tokenizes_long_lists_in_chunks_and_keeps_their_order(
     assert tiny_engine.score(pairs) == pytest.approx(expected, abs=1e-5)
 
 
-def test_score_chunks_start_small_double_and_cover_every_pair() -> None:
+@pytest.mark.parametrize("growth", [None, 1.5])
+def test_score_chunks_start_small_grow_and_cover_every_pair(growth: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from similarity_service import runner
     from similarity_service.runner import FIRST_SCORE_CHUNK_PAIRS, SCORE_CHUNK_PAIRS, score_chunks
 
+    if growth is not None:
+        monkeypatch.setattr(runner, "SCORE_CHUNK_GROWTH", growth)
     count = 5 * SCORE_CHUNK_PAIRS + 3
     chunks = score_chunks(count)
     sizes = [end - start for start, end in chunks]
     assert [start for start, _ in chunks] == [0, *(end for _, end in chunks[:-1])] and chunks[-1][1] == count
     assert sizes[0] == FIRST_SCORE_CHUNK_PAIRS
-    assert all(after == min(2 * before, SCORE_CHUNK_PAIRS) for before, after in zip(sizes, sizes[1:-1]))
+    factor = runner.SCORE_CHUNK_GROWTH
+    assert all(after == min(int(factor * before), SCORE_CHUNK_PAIRS) for before, after in zip(sizes, sizes[1:-1]))
     assert max(sizes) == SCORE_CHUNK_PAIRS and 0 < sizes[-1] <= SCORE_CHUNK_PAIRS
     assert score_chunks(FIRST_SCORE_CHUNK_PAIRS - 1) == [(0, FIRST_SCORE_CHUNK_PAIRS - 1)]
 
