@@ -6,6 +6,8 @@ p90, for each gap in `--gaps-ms` (0: back to back; 10: threads asleep and cores 
   encoder_hop    the tokenizer thread (`Encoder`), then `score_encoded` here
   batcher_hop    tokenize here, then `Batcher.submit`: the runner thread runs the forward
   scorer         `Scorer.similarity`: the tokenizer thread and the batcher, as a request uses them
+  scorer_inline  the same with the batcher's `inline_max_pairs`: alone and after a quiet spell, the forward runs
+                 on the event loop, no thread hand-off
   http_*         `structsim serve` in a child process: /healthz and /v1/similarity, from a stdlib
                  http.client keep-alive connection and from aiohttp (http_bench's client)
 The differences between the stages price each hop. Not a benchmark of record: a map for the next change.
@@ -39,7 +41,7 @@ from similarity_service.batching import Batcher  # noqa: E402
 from similarity_service.checkpoint import make_checkpoint  # noqa: E402
 from similarity_service.encoding import Encoder  # noqa: E402
 from similarity_service.runner import Engine  # noqa: E402
-from similarity_service.scoring import Scorer  # noqa: E402
+from similarity_service.scoring import SHARED_ENCODE_MAX_PAIRS, Scorer  # noqa: E402
 from similarity_service.settings import Settings  # noqa: E402
 
 PAIR = ("今天天气怎么样", "今天天气如何")
@@ -85,10 +87,17 @@ async def in_process(engine: Engine, count: int, gap_s: float) -> dict[str, dict
         engine, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
         max_batch_tokens=settings.max_batch_tokens, max_queue_pairs=settings.max_queue_pairs,
     )
+    inline_batcher = Batcher(
+        engine, max_batch_size=settings.max_batch_size, max_wait_ms=0,
+        max_batch_tokens=settings.max_batch_tokens, max_queue_pairs=settings.max_queue_pairs,
+        inline_max_pairs=SHARED_ENCODE_MAX_PAIRS,
+    )
     encoder = Encoder(engine.encode)
     await encoder.start()
     await batcher.start()
+    await inline_batcher.start()
     scorer = Scorer(engine, encoder, batcher, settings)
+    inline_scorer = Scorer(engine, encoder, inline_batcher, settings)
 
     async def encoder_hop() -> None:
         engine.score_encoded(await encoder.encode([PAIR]))
@@ -98,9 +107,11 @@ async def in_process(engine: Engine, count: int, gap_s: float) -> dict[str, dict
         "encoder_hop": await timed_async(encoder_hop, count, gap_s),
         "batcher_hop": await timed_async(lambda: batcher.submit(engine.encode([PAIR])), count, gap_s),
         "scorer": await timed_async(lambda: scorer.similarity(*PAIR), count, gap_s),
+        "scorer_inline": await timed_async(lambda: inline_scorer.similarity(*PAIR), count, gap_s),
     }
-    await batcher.drain()
-    await batcher.close()
+    for each in (batcher, inline_batcher):
+        await each.drain()
+        await each.close()
     await encoder.close()
     return stages
 

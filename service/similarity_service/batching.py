@@ -2,8 +2,8 @@
 
 Ownership, as in text-embeddings-inference: callers hold only futures; the event loop owns the queue
 and forms batches; a one-slot hand-off lets the next batch form while the engines compute. Each engine
-replica (one per GPU) has its own dedicated thread, so the engine is never called from the event loop
-and never from two threads at once.
+replica (one per GPU) has its own dedicated thread, so the engine is never called from two threads at once,
+and from the event loop only for a lone small request at low load (`inline_max_pairs`, below).
 
 The loop and the threads meet only at the slot and at one callback per pass. Batches form on the loop
 in plain callbacks, not a task: when a request is submitted, when the slot empties, when a pass is
@@ -20,6 +20,13 @@ is fuller, and under load a freed replica finds the next batch already formed. A
 `failures_before_unhealthy` passes all failed (out of memory aside: that is the batch's size, not the device)
 is unhealthy: it takes no batches while a healthy replica exists (all unhealthy: all keep taking them,
 so callers get errors rather than hang), and one success makes it healthy again.
+
+One exception to the threads: with `inline_max_pairs`, a request of that many pairs or fewer that finds the
+batcher idle (nothing queued, formed or running, `max_wait_ms` 0, and no request for `INLINE_AFTER_QUIET_S`
+before it) runs on the loop itself, at once: at low load the two hand-offs (wake the replica thread, wake the
+loop for the answer) cost more than the forward pass, each a sleeping core's wake-up. The loop is blocked
+meanwhile, so this is for engines whose small passes take well under a millisecond (CUDA graphs), and the
+quiet interval keeps it off under load, where the loop must keep reading requests while the device runs.
 
 A batch closes at `max_batch_size` pairs, at `max_batch_tokens` tokens, or `max_wait_ms` after its
 oldest pair was queued, whichever comes first (with `max_wait_ms` 0 a lone request goes at once); while
@@ -45,6 +52,9 @@ from dataclasses import dataclass
 from similarity_service.engine_api import EncodedPair, EngineOutOfMemory, ScoringEngine
 
 log = logging.getLogger(__name__)
+
+# A request runs on the loop (`inline_max_pairs`) only this long after the one before it: low load, not a lull.
+INLINE_AFTER_QUIET_S = 0.002
 
 
 class Overloaded(Exception):
@@ -190,8 +200,10 @@ class Batcher:
         max_queue_pairs: int,
         on_batch: Callable[[BatchRecord], None] | None = None,
         failures_before_unhealthy: int = 3,
+        inline_max_pairs: int = 0,
     ) -> None:
-        """`engines`: one engine, or one replica per device (all of the same model)."""
+        """`engines`: one engine, or one replica per device (all of the same model). `inline_max_pairs`: requests
+        this small run on the loop when the batcher is idle (module docstring); 0, never."""
         if max_queue_pairs < 1:
             raise ValueError("max_queue_pairs must be at least 1")
         if failures_before_unhealthy < 1:
@@ -204,6 +216,8 @@ class Batcher:
         self._max_batch_tokens = max_batch_tokens
         self._max_queue_pairs = max_queue_pairs
         self._on_batch = on_batch
+        self._inline_max_pairs = inline_max_pairs
+        self._last_submit_at = -math.inf
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: collections.deque[_Request] = collections.deque()
@@ -350,7 +364,13 @@ class Batcher:
         if self._queued_pairs + count > self._max_queue_pairs:
             raise Overloaded(self._queued_pairs, self._max_queue_pairs, self._retry_after_s())
         tokens = encoded[0].num_tokens if count == 1 else sum(pair.num_tokens for pair in encoded)
-        request = _Request(encoded, tokens, loop.create_future(), loop.time())
+        now, quiet_since = loop.time(), self._last_submit_at
+        self._last_submit_at = now
+        request = _Request(encoded, tokens, loop.create_future(), now)
+        if count <= self._inline_max_pairs and now - quiet_since >= INLINE_AFTER_QUIET_S and (replica := self._take_idle_replica()):
+            request.taken = count
+            self._answer(replica, self._run_pass(replica, [(request, 0, count, tokens)]))  # resolves the future
+            return request.future.result()
         self._queue.append(request)
         self._queued_pairs += count
         self._queued_tokens += tokens
@@ -464,27 +484,44 @@ class Batcher:
     def _serve(self, replica: _Replica) -> None:
         """The replica's thread: take a batch, run it, hand the scores to the loop; until closed."""
         while (batch := self._take_slot(replica)) is not None:
-            live = [piece for piece in batch if not piece[0].future.done()]  # callers still waiting
-            done = _Pass(live, sum(stop - start for _, start, stop, _ in batch) - sum(p[2] - p[1] for p in live))
-            if live:
-                pairs = [pair for request, start, stop, _ in live for pair in request.pairs[start:stop]]
-                replica.in_flight = len(pairs)
-                done.perf_started = time.perf_counter()
-                try:
-                    scores = replica.engine.score_encoded(pairs)
-                    if len(scores) != len(pairs):
-                        raise RuntimeError(f"engine returned {len(scores)} scores for {len(pairs)} pairs")
-                    done.scores = scores
-                except Exception as exc:  # the engine failed this batch: fail its callers, keep serving
-                    done.error = exc
-                done.inference_s = time.perf_counter() - done.perf_started
-                replica.in_flight = 0
-                self._note_health(replica, done)
+            done = self._run_pass(replica, batch)
             try:
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self._answer, replica, done)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
+
+    def _run_pass(self, replica: _Replica, batch: list[_Piece]) -> _Pass:
+        """One forward pass of `batch`'s live callers on `replica` (taken for it), in the calling thread."""
+        live = [piece for piece in batch if not piece[0].future.done()]  # callers still waiting
+        done = _Pass(live, sum(stop - start for _, start, stop, _ in batch) - sum(p[2] - p[1] for p in live))
+        if live:
+            pairs = [pair for request, start, stop, _ in live for pair in request.pairs[start:stop]]
+            replica.in_flight = len(pairs)
+            done.perf_started = time.perf_counter()
+            try:
+                scores = replica.engine.score_encoded(pairs)
+                if len(scores) != len(pairs):
+                    raise RuntimeError(f"engine returned {len(scores)} scores for {len(pairs)} pairs")
+                done.scores = scores
+            except Exception as exc:  # the engine failed this batch: fail its callers, keep serving
+                done.error = exc
+            done.inference_s = time.perf_counter() - done.perf_started
+            replica.in_flight = 0
+            self._note_health(replica, done)
+        return done
+
+    def _take_idle_replica(self) -> _Replica | None:
+        """For a request run on the loop: a replica, taken, if the batcher is idle (nothing queued, formed or
+        running, no wait to fill batches, not closing), preferring healthy ones; else None."""
+        if self._max_wait_s or self._closing or self._first_live_request() is not None:
+            return None
+        with self._changed:
+            if not self._none_formed_or_running():
+                return None
+            replica = next((r for r in self._replicas if self._is_healthy(r)), self._replicas[0])
+            replica.taken += 1
+            return replica
 
     def _take_slot(self, replica: _Replica) -> list[_Piece] | None:
         """Block until this replica may take the slot's batch (None: the batcher is closing)."""

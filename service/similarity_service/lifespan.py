@@ -26,7 +26,7 @@ from similarity_service.errors import NotReady
 from similarity_service.gpu_stats import GpuStats
 from similarity_service.metrics import ServiceMetrics
 from similarity_service.profile import Profile, ProfileError, read_profile
-from similarity_service.scoring import Scorer
+from similarity_service.scoring import SHARED_ENCODE_MAX_PAIRS, Scorer
 from similarity_service.settings import Settings
 from similarity_service.workers import WorkerReadiness
 
@@ -168,6 +168,9 @@ class ServiceState:
             max_queue_pairs=settings.max_queue_pairs,
             on_batch=self.metrics.observe_batch,
             failures_before_unhealthy=FAILED_BATCHES_BEFORE_UNHEALTHY,
+            # A lone small request at low load runs on the loop: on a GPU its pass (a graph replay) is shorter
+            # than the two thread wake-ups it saves; on the CPU a pass would hold the loop for milliseconds.
+            inline_max_pairs=SHARED_ENCODE_MAX_PAIRS if all(e.info.device.startswith("cuda") for e in engines) else 0,
         )
         encoder = Encoder(engine.encode)
         await encoder.start()

@@ -41,6 +41,7 @@ class FakeEngine:
         self.gate.set()
         self.started = threading.Event()  # set when a forward pass begins
         self.threads: set[str] = set()
+        self.thread_of_pass: list[str] = []  # the thread that ran each forward pass, in order
         self.fail_on_key: int | None = None
         self.failure: Exception = RuntimeError("CUDA error: device-side assert (fake)")  # raised on fail_on_key
         self.short_by = 0
@@ -50,6 +51,7 @@ class FakeEngine:
 
     def score_encoded(self, batch: Sequence[EncodedPair]) -> list[float]:
         self.threads.add(threading.current_thread().name)
+        self.thread_of_pass.append(threading.current_thread().name)
         self.started.set()
         self.gate.wait(timeout=30)
         self.batches.append(list(batch))

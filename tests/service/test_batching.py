@@ -325,3 +325,61 @@ async def test_a_formed_batch_takes_in_later_arrivals_within_its_token_budget(
     engine.gate.set()
     await asyncio.gather(running, *waiting)
     assert [[p.input_ids[0] for p in b] for b in engine.batches] == [[1], [2, 3], [4]]
+
+
+async def test_a_lone_small_request_runs_on_the_loop_when_the_batcher_is_idle_and_quiet(
+    make_batcher: Callable[..., Batcher], engine: FakeEngine
+) -> None:
+    records: list[BatchRecord] = []
+    batcher = make_batcher(max_wait_ms=0, inline_max_pairs=2, on_batch=records.append)
+    await batcher.start()
+    loop_thread = threading.current_thread().name
+
+    assert await batcher.submit([pair(1), pair(2)]) == [0.0001, 0.0002]
+    assert engine.threads == {loop_thread}  # no hand-off: the loop ran it
+    assert await batcher.submit([pair(3)]) == [0.0003]  # right after another request: not quiet, the runner's
+    await asyncio.sleep(0.01)
+    assert await batcher.submit([pair(4), pair(5), pair(6)]) == [0.0004, 0.0005, 0.0006]  # too many pairs: the runner's
+    await asyncio.sleep(0.01)
+    assert await batcher.submit([pair(7)]) == [0.0007]  # quiet and idle again: the loop's
+    assert engine.sizes() == [2, 1, 3, 1]
+    assert [name == loop_thread for name in engine.thread_of_pass] == [True, False, False, True]
+    assert [record.size for record in records] == [2, 1, 3, 1]  # observed as any pass
+    assert batcher.stats.pairs_scored == 7 and batcher.replicas[0].batches_run == 4
+
+
+async def test_requests_do_not_run_on_the_loop_while_a_pass_runs_or_batches_fill(
+    make_batcher: Callable[..., Batcher], engine: FakeEngine
+) -> None:
+    batcher = make_batcher(max_wait_ms=0, inline_max_pairs=4)
+    await batcher.start()
+    engine.gate.clear()
+    running = asyncio.create_task(batcher.submit([pair(1), pair(2), pair(3), pair(4), pair(5)]))  # the runner's
+    await asyncio.to_thread(engine.started.wait, 5)
+    await asyncio.sleep(0.01)
+    queued = asyncio.create_task(batcher.submit([pair(6)]))  # quiet, but the replica is busy: queued
+    await asyncio.sleep(0)
+    assert not queued.done()
+    engine.gate.set()
+    assert await asyncio.gather(running, queued) == [[0.0001, 0.0002, 0.0003, 0.0004, 0.0005], [0.0006]]
+    assert all(name.startswith("structsim-runner") for name in engine.thread_of_pass)
+
+    batcher.reconfigure(max_wait_ms=5)  # waiting to fill batches: never on the loop
+    await asyncio.sleep(0.01)
+    assert await batcher.submit([pair(7)]) == [0.0007]
+    assert engine.thread_of_pass[-1].startswith("structsim-runner")
+
+
+async def test_an_engine_error_on_the_loop_fails_that_request_and_counts_against_the_replica(
+    make_batcher: Callable[..., Batcher], engine: FakeEngine
+) -> None:
+    batcher = make_batcher(max_wait_ms=0, inline_max_pairs=1, failures_before_unhealthy=1)
+    await batcher.start()
+    engine.fail_on_key = 13
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        await batcher.submit([pair(13)])
+    assert engine.thread_of_pass == [threading.current_thread().name]
+    assert batcher.replicas[0].failed_batches == 1 and not batcher.healthy
+    await asyncio.sleep(0.01)
+    assert await batcher.submit([pair(2)]) == [0.0002]  # still serving: a success makes it healthy again
+    assert batcher.healthy
