@@ -36,7 +36,7 @@ MAX_TOKENS = 64  # the batch's rows, all in one GEMM tile, and its longest seque
 _MIN_TILE = 16  # tl.dot's smallest dimension
 # Programmatic dependent launch where the device has it (compute capability 9.0+); off only to measure it.
 DEPENDENT_LAUNCH = True
-_L2_LINE_ELEMENTS: tl.constexpr = 64  # fp16/bf16 weights: one 128-byte cache line
+_L2_LINE_ELEMENTS = tl.constexpr(64)  # fp16/bf16 weights: one 128-byte cache line
 
 
 def dependent_launch_on(device: torch.device) -> bool:
@@ -348,6 +348,6 @@ class LatencyForward:
             x.stride(0), linear.weight.stride(0), out.stride(0),
             GELU=gelu, ACCUMULATE=accumulate, EVEN_K=k % config.block_k == 0,
             BLOCK_M=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            K_LINES=triton.next_power_of_2(triton.cdiv(k_chunk, _L2_LINE_ELEMENTS)), GDC=dependent,
+            K_LINES=triton.next_power_of_2(triton.cdiv(k_chunk, _L2_LINE_ELEMENTS.value)), GDC=dependent,
             num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=dependent,
         )  # fmt: skip
