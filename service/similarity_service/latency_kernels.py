@@ -22,7 +22,6 @@ is how the tests check them against the packed forward.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -34,31 +33,6 @@ from similarity_service.packed import Norm, PackedWeights
 
 MAX_TOKENS = 64  # the batch's rows, all in one GEMM tile, and its longest sequence, all in one attention tile
 _MIN_TILE = 16  # tl.dot's smallest dimension
-# Programmatic dependent launch where the device has it (compute capability 9.0+); off only to measure it.
-DEPENDENT_LAUNCH = True
-_L2_LINE_ELEMENTS = tl.constexpr(64)  # fp16/bf16 weights: one 128-byte cache line
-
-
-def dependent_launch_on(device: torch.device) -> bool:
-    """Whether kernels on `device` launch as programmatic dependents (not in Triton's CPU interpreter)."""
-    if not DEPENDENT_LAUNCH or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-@triton.jit
-def _await_previous_kernel(GDC: tl.constexpr):
-    """With programmatic dependent launch, this kernel may start while the one before it still runs: wait here
-    until that one has finished and its writes are visible, then let the next kernel launch (it waits in turn)."""
-    if GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask for the lines at `ptrs` in L2, without waiting for them."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @dataclass(frozen=True)
@@ -82,14 +56,12 @@ def linear_kernel(
     M, N, K, k_chunk,
     stride_xm, stride_wn, stride_om,
     GELU: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_LINES: tl.constexpr, GDC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[:M, cols] for this program's BLOCK_N columns over K in [pid_k * k_chunk, +k_chunk).
 
     ACCUMULATE: add the fp32 partial product x @ W^T into out (bias left to the norm kernel); else store
     act(x @ W^T + b) in out's dtype. W is nn.Linear's [N, K], K-contiguous: no transposed copy.
-    GDC (dependent launch): the weights depend on no kernel, so their lines (K_LINES of them a row, a power of
-    two covering k_chunk) are fetched into L2 while the kernel before runs; x is read only after it ends.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -100,11 +72,6 @@ def linear_kernel(
     n_ok = rn < N
     k_lo = pid_k * k_chunk
     k_hi = tl.minimum(k_lo + k_chunk, K)
-    if GDC:
-        line_k = k_lo + tl.arange(0, K_LINES) * _L2_LINE_ELEMENTS
-        line_ok = n_ok[:, None] & (line_k < k_hi)[None, :]
-        _prefetch_l2(tl.where(line_ok, w_ptr + rn[:, None] * stride_wn + line_k[None, :], w_ptr))
-    _await_previous_kernel(GDC)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_lo + rk)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -144,10 +111,9 @@ def _layer_norm_row(y, ok, gamma_ptr, beta_ptr, cols, H, eps):
 @triton.jit
 def _embed_norm_kernel(
     ids_ptr, types_ptr, positions_ptr, word_ptr, position_ptr, type_ptr, gamma_ptr, beta_ptr,
-    x_ptr, x16_ptr, H, eps, BLOCK_H: tl.constexpr, GDC: tl.constexpr,
+    x_ptr, x16_ptr, H, eps, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """Row r: LayerNorm(word[id] + position[pos] + type[type]) in fp32, stored fp32 and in x16's dtype."""
-    _await_previous_kernel(GDC)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
@@ -163,11 +129,8 @@ def _embed_norm_kernel(
 
 
 @triton.jit
-def _residual_norm_kernel(
-    acc_ptr, bias_ptr, x_ptr, gamma_ptr, beta_ptr, x16_ptr, H, eps, BLOCK_H: tl.constexpr, GDC: tl.constexpr
-):  # fmt: skip
+def _residual_norm_kernel(acc_ptr, bias_ptr, x_ptr, gamma_ptr, beta_ptr, x16_ptr, H, eps, BLOCK_H: tl.constexpr):
     """Row r: x = LayerNorm(x + acc + bias) in fp32 (in place), its copy in x16's dtype; acc re-zeroed."""
-    _await_previous_kernel(GDC)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
@@ -185,7 +148,7 @@ def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, cu_k_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GDC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Sequence s, head h: softmax(q k^T * scale) v over the sequence's keys, all in one tile (fp32 softmax).
 
@@ -193,7 +156,6 @@ def _attention_kernel(
     and could serve here; in one pair's graph on an H200 it took 2.77 us a layer against this one's 2.43-2.45
     (bench/profile_engine.py, `profile_engine-…-72024c1.json`): on the single-pair path, this one-tile case
     is worth its own kernel."""
-    _await_previous_kernel(GDC)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(cu_q_ptr + seq)
@@ -229,12 +191,10 @@ def varlen_attention(
     heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
-    dependent = dependent_launch_on(q.device)
     _attention_kernel[(cu_q.numel() - 1, heads)](
         q, k, v, out, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        scale_log2, HEAD_DIM=head_dim, BLOCK_Q=_tile(max_q), BLOCK_K=_tile(max_k), GDC=dependent, num_warps=4,
-        launch_pdl=dependent,
+        scale_log2, HEAD_DIM=head_dim, BLOCK_Q=_tile(max_q), BLOCK_K=_tile(max_k), num_warps=4,
     )  # fmt: skip
     return out
 
@@ -259,7 +219,6 @@ class LatencyForward:
         self._block_h = triton.next_power_of_2(hidden)
         device = model.word_embeddings.weight.device
         self._accumulator = torch.zeros(MAX_TOKENS, hidden, dtype=torch.float32, device=device)
-        self._dependent = dependent_launch_on(device)
 
     def __call__(
         self,
@@ -283,8 +242,8 @@ class LatencyForward:
         _embed_norm_kernel[(tokens,)](
             input_ids, token_type_ids, position_ids,
             model.word_embeddings.weight, model.position_embeddings.weight, model.token_type_embeddings.weight,
-            norm.weight, norm.bias, x, x16, hidden, norm.eps, BLOCK_H=self._block_h, GDC=self._dependent,
-        )  # fmt: skip (the first kernel: it follows the input's copy, so it is not launched as a dependent)
+            norm.weight, norm.bias, x, x16, hidden, norm.eps, BLOCK_H=self._block_h,
+        )  # fmt: skip
         last = len(model.layers) - 1
         for index, layer in enumerate(model.layers):
             qkv = self._linear(x16, layer.qkv, QKV)
@@ -310,7 +269,7 @@ class LatencyForward:
         """act(x @ W^T + b) in x's dtype."""
         rows, n = x.shape[0], linear.out_features
         out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-        self._launch_gemm(x, linear, config, out, gelu=gelu, accumulate=False, dependent=self._dependent)
+        self._launch_gemm(x, linear, config, out, gelu=gelu, accumulate=False)
         return out
 
     def _add_norm(
@@ -319,24 +278,16 @@ class LatencyForward:
         """residual = norm(residual + x @ W^T + b), in place in fp32; returns its copy in x's dtype."""
         rows, hidden = residual.shape
         accumulator = self._accumulator[:rows]
-        self._launch_gemm(x, linear, config, accumulator, gelu=False, accumulate=True, dependent=self._dependent)
+        self._launch_gemm(x, linear, config, accumulator, gelu=False, accumulate=True)
         copy = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
         _residual_norm_kernel[(rows,)](
-            accumulator, linear.bias, residual, norm.weight, norm.bias, copy, hidden, norm.eps, BLOCK_H=self._block_h,
-            GDC=self._dependent, launch_pdl=self._dependent,
-        )  # fmt: skip
+            accumulator, linear.bias, residual, norm.weight, norm.bias, copy, hidden, norm.eps, BLOCK_H=self._block_h
+        )
         return copy
 
     @staticmethod  # every call one BLOCK_M (the last layer's few [CLS] rows too): 4 Triton builds, not 12, at start
     def _launch_gemm(
-        x: torch.Tensor,
-        linear: torch.nn.Linear,
-        config: GemmConfig,
-        out: torch.Tensor,
-        *,
-        gelu: bool,
-        accumulate: bool,
-        dependent: bool,
+        x: torch.Tensor, linear: torch.nn.Linear, config: GemmConfig, out: torch.Tensor, *, gelu: bool, accumulate: bool
     ) -> None:
         rows, k = x.shape
         n = linear.out_features
@@ -348,6 +299,5 @@ class LatencyForward:
             x.stride(0), linear.weight.stride(0), out.stride(0),
             GELU=gelu, ACCUMULATE=accumulate, EVEN_K=k % config.block_k == 0,
             BLOCK_M=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            K_LINES=triton.next_power_of_2(triton.cdiv(k_chunk, _L2_LINE_ELEMENTS.value)), GDC=dependent,
-            num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=dependent,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip

@@ -114,21 +114,3 @@ def test_capture_drops_latency_kernels_that_disagree(tiny_model_dir: Path, caplo
         assert not executor._warm_latency(block, cu, bucket)  # noqa: SLF001
     assert executor._latency is None  # noqa: SLF001 - every later bucket uses the library forward
     assert "differ from the library forward" in caplog.text
-
-
-def test_dependent_launch_only_on_devices_that_have_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Programmatic dependent launch needs a CUDA device of compute capability 9.0+ and compiled kernels: never on
-    the CPU or in Triton's interpreter, where the kernels above just ran without it (their GDC path is checked on
-    the GPU by bench/dependent_launch_probe.py, against the same graphs without it)."""
-    from similarity_service import latency_kernels
-
-    assert not latency_kernels.dependent_launch_on(torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert not latency_kernels.dependent_launch_on(torch.device("cuda", 0))  # the interpreter (conftest sets it)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert latency_kernels.dependent_launch_on(torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert not latency_kernels.dependent_launch_on(torch.device("cuda", 0))
-    monkeypatch.setattr(latency_kernels, "DEPENDENT_LAUNCH", False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert not latency_kernels.dependent_launch_on(torch.device("cuda", 0))
