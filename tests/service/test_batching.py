@@ -383,3 +383,20 @@ async def test_an_engine_error_on_the_loop_fails_that_request_and_counts_against
     await asyncio.sleep(0.01)
     assert await batcher.submit([pair(2)]) == [0.0002]  # still serving: a success makes it healthy again
     assert batcher.healthy
+
+
+def test_the_service_runs_requests_on_the_loop_only_on_gpus_it_serves_alone() -> None:
+    import msgspec
+
+    from similarity_service.lifespan import inline_max_pairs
+    from similarity_service.scoring import SHARED_ENCODE_MAX_PAIRS
+
+    def on(device: str) -> FakeEngine:
+        engine = FakeEngine()
+        engine.info = msgspec.structs.replace(FakeEngine.info, device=device)  # type: ignore[misc]
+        return engine
+
+    assert inline_max_pairs([on("cuda:0"), on("cuda:1")], several_workers=False) == SHARED_ENCODE_MAX_PAIRS
+    assert inline_max_pairs([on("cuda:0")], several_workers=True) == 0  # siblings share the GPU
+    assert inline_max_pairs([on("cpu")], several_workers=False) == 0  # a pass would hold the loop for ms
+    assert inline_max_pairs([on("cuda:0"), on("cpu")], several_workers=False) == 0
