@@ -367,7 +367,8 @@ class Batcher:
         now, quiet_since = loop.time(), self._last_submit_at
         self._last_submit_at = now
         request = _Request(encoded, tokens, loop.create_future(), now)
-        if count <= self._inline_max_pairs and now - quiet_since >= INLINE_AFTER_QUIET_S and (replica := self._take_idle_replica()):
+        quiet = now - quiet_since >= INLINE_AFTER_QUIET_S
+        if count <= self._inline_max_pairs and quiet and (replica := self._take_idle_replica()) is not None:
             request.taken = count
             self._answer(replica, self._run_pass(replica, [(request, 0, count, tokens)]))  # resolves the future
             return request.future.result()
