@@ -23,17 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from kernels_probe import timed
+from kernels_probe import device_ms
 from provenance import git_commit
 
 # (name, in_features, out_features) of one BERT-base layer's linears, each run once per layer.
 LINEARS = (("qkv", 768, 2304), ("attention_out", 768, 768), ("ffn_in", 768, 3072), ("ffn_out", 3072, 768))
 ROWS = (16_384, 62_203, 65_536)  # 62,203: a sub-batch's odd token count, as the engine's are
 AUTOTUNE_ROWS = 65_536
-
-
-def device_ms(fn) -> float:
-    return timed(fn, reps=30) * 1e3
 
 
 def tflops(rows: int, k: int, n: int, ms: float) -> float:

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from provenance import git_commit  # noqa: E402
-from kernels_probe import timed  # noqa: E402
+from kernels_probe import device_ms  # noqa: E402
 from triton_ffn_in import LinearTiles, linear  # noqa: E402
 
 from similarity_service.packed import linear_gelu  # noqa: E402
@@ -62,11 +62,6 @@ TILES = [
         (128, 256, 32, 8, 5, True, True),
     )
 ]
-
-
-def device_ms(fn, reps: int = 30) -> float:
-    """Median device ms of fn() (CUDA events)."""
-    return timed(fn, reps) * 1e3
 
 
 def check_cpu() -> None:

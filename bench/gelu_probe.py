@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from kernels_probe import timed  # noqa: E402
+from kernels_probe import device_ms  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 ROWS = (16_384, 65_536)
@@ -83,14 +83,15 @@ def main() -> None:
             return moved / ms / 1e9
 
         case = {"rows": rows, "ms": {}, "tb_s": {}, "max_abs_vs_aten": {}}
-        case["ms"]["aten"] = timed(lambda: F.gelu(x), 30) * 1e3
-        case["ms"]["aten_in_place"] = timed(lambda: torch.ops.aten.gelu_(scratch.copy_(x)), 30) * 1e3 - (
-            timed(lambda: scratch.copy_(x), 30) * 1e3
-        )  # the copy that restores the input, subtracted
+        case["ms"]["aten"] = device_ms(lambda: F.gelu(x))
+        # in place on a copy of the input, the copy's own time subtracted
+        case["ms"]["aten_in_place"] = device_ms(lambda: torch.ops.aten.gelu_(scratch.copy_(x))) - device_ms(
+            lambda: scratch.copy_(x)
+        )
         for block, warps in CONFIGS:
             name = f"triton block {block} warps {warps}"
             case["max_abs_vs_aten"][name] = float((triton_gelu(x, block, warps).float() - reference.float()).abs().max())
-            case["ms"][name] = timed(lambda block=block, warps=warps: triton_gelu(x, block, warps, scratch), 30) * 1e3
+            case["ms"][name] = device_ms(lambda block=block, warps=warps: triton_gelu(x, block, warps, scratch))
         case["tb_s"] = {name: tb_s(ms) for name, ms in case["ms"].items()}
         for name, ms in case["ms"].items():
             print(f"rows {rows:6d}  {name:28s} {ms:.3f} ms  {case['tb_s'][name]:.2f} TB/s  "

@@ -109,6 +109,11 @@ def timed(fn, reps: int = 5) -> float:
     return sorted(out)[len(out) // 2]
 
 
+def device_ms(fn, reps: int = 30) -> float:
+    """Median device ms of fn() (CUDA events), for the probes that time single kernels."""
+    return timed(fn, reps) * 1e3
+
+
 def matmul_ceiling() -> float:
     a = torch.randn(8192, 8192, device=DEV, dtype=DT)
     b = torch.randn(8192, 8192, device=DEV, dtype=DT)
