@@ -22,7 +22,7 @@ from similarity_service.lifespan import EngineFactory, ServiceState, load_engine
 from similarity_service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from similarity_service.schemas import decode_body
 from similarity_service.settings import Settings
-from similarity_service.workers import METRICS_DIR_ENV, WorkerReadiness
+from similarity_service.workers import METRICS_DIR_ENV, WorkerPeers
 
 JSON_CHARSETS = {"utf-8", "utf8"}
 
@@ -51,7 +51,7 @@ def create_app(
     *,
     engine_factory: EngineFactory = load_engine,
     on_ready: Callable[[], None] | None = None,
-    workers: WorkerReadiness | None = None,
+    workers: WorkerPeers | None = None,
 ) -> Litestar:
     """The service app; `engine_factory(settings)` loads and warms the engine (tests pass their own);
     `on_ready()` runs once it is loaded and warm, before readiness turns 200 (the serve command's hook);

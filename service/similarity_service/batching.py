@@ -27,6 +27,8 @@ before it) runs on the loop itself, at once: at low load the two hand-offs (wake
 loop for the answer) cost more than the forward pass, each a sleeping core's wake-up. The loop is blocked
 meanwhile, so this is for engines whose small passes take well under a millisecond (CUDA graphs), and the
 quiet interval keeps it off under load, where the loop must keep reading requests while the device runs.
+With `peers` (other processes serving the same devices: workers.py) it is off too while a peer runs a pass,
+which the device would finish first with the loop held; `peers` hears of every pass this batcher runs.
 
 A batch closes at `max_batch_size` pairs, at `max_batch_tokens` tokens, or `max_wait_ms` after its
 oldest pair was queued, whichever comes first (with `max_wait_ms` 0 a lone request goes at once); while
@@ -48,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from similarity_service.engine_api import EncodedPair, EngineOutOfMemory, ScoringEngine
 
@@ -55,6 +58,16 @@ log = logging.getLogger(__name__)
 
 # A request runs on the loop (`inline_max_pairs`) only this long after the one before it: low load, not a lull.
 INLINE_AFTER_QUIET_S = 0.002
+
+
+class DevicePeers(Protocol):
+    """Other processes running forward passes on the same devices (workers.WorkerPeers)."""
+
+    def pass_started(self) -> None: ...
+
+    def pass_ended(self) -> None: ...
+
+    def others_running(self) -> bool: ...
 
 
 class Overloaded(Exception):
@@ -201,9 +214,11 @@ class Batcher:
         on_batch: Callable[[BatchRecord], None] | None = None,
         failures_before_unhealthy: int = 3,
         inline_max_pairs: int = 0,
+        peers: DevicePeers | None = None,
     ) -> None:
         """`engines`: one engine, or one replica per device (all of the same model). `inline_max_pairs`: requests
-        this small run on the loop when the batcher is idle (module docstring); 0, never."""
+        this small run on the loop when the batcher is idle (module docstring); 0, never. `peers`: other
+        processes on the same devices, told of this batcher's passes and asked before a pass on the loop."""
         if max_queue_pairs < 1:
             raise ValueError("max_queue_pairs must be at least 1")
         if failures_before_unhealthy < 1:
@@ -217,6 +232,7 @@ class Batcher:
         self._max_queue_pairs = max_queue_pairs
         self._on_batch = on_batch
         self._inline_max_pairs = inline_max_pairs
+        self._peers = peers
         self._last_submit_at = -math.inf
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -499,6 +515,8 @@ class Batcher:
         if live:
             pairs = [pair for request, start, stop, _ in live for pair in request.pairs[start:stop]]
             replica.in_flight = len(pairs)
+            if self._peers is not None:
+                self._peers.pass_started()
             done.perf_started = time.perf_counter()
             try:
                 scores = replica.engine.score_encoded(pairs)
@@ -507,6 +525,9 @@ class Batcher:
                 done.scores = scores
             except Exception as exc:  # the engine failed this batch: fail its callers, keep serving
                 done.error = exc
+            finally:
+                if self._peers is not None:
+                    self._peers.pass_ended()
             done.inference_s = time.perf_counter() - done.perf_started
             replica.in_flight = 0
             self._note_health(replica, done)
@@ -514,8 +535,10 @@ class Batcher:
 
     def _take_idle_replica(self) -> _Replica | None:
         """For a request run on the loop: a replica, taken, if the batcher is idle (nothing queued, formed or
-        running, no wait to fill batches, not closing), preferring healthy ones; else None."""
+        running, no wait to fill batches, not closing) and no peer runs a pass, preferring healthy ones; else None."""
         if self._max_wait_s or self._closing or self._first_live_request() is not None:
+            return None
+        if self._peers is not None and self._peers.others_running():
             return None
         with self._changed:
             if not self._none_formed_or_running():

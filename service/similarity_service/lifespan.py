@@ -28,7 +28,7 @@ from similarity_service.metrics import ServiceMetrics
 from similarity_service.profile import Profile, ProfileError, read_profile
 from similarity_service.scoring import SHARED_ENCODE_MAX_PAIRS, Scorer
 from similarity_service.settings import Settings
-from similarity_service.workers import WorkerReadiness
+from similarity_service.workers import WorkerPeers
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,12 @@ LOADING_RETRY_AFTER_S = 5.0
 FAILED_BATCHES_BEFORE_UNHEALTHY = 3
 
 
-def inline_max_pairs(engines: Sequence[ScoringEngine], *, several_workers: bool) -> int:
+def inline_max_pairs(engines: Sequence[ScoringEngine]) -> int:
     """The batcher's `inline_max_pairs`: a lone small request at low load runs on the event loop where that is
-    quick, on GPUs this process alone serves. There its pass (a graph replay) is shorter than the two thread
-    wake-ups it saves (in-process, one pair after 10 ms idle: 0.80 ms against 1.06 on an H200,
-    bench/one_pair_path.py). On the CPU a pass would hold the loop for milliseconds, and beside sibling workers
-    on the same GPU (which time-slices processes) it could wait behind their passes with the loop held."""
-    if several_workers or not all(engine.info.device.startswith("cuda") for engine in engines):
+    quick, on GPUs. There its pass (a graph replay) is shorter than the two thread wake-ups it saves (in-process,
+    one pair after 10 ms idle: 0.80 ms against 1.06 on an H200, bench/one_pair_path.py). On the CPU a pass
+    would hold the loop for milliseconds. Beside sibling workers the batcher asks them first (`peers`)."""
+    if not all(engine.info.device.startswith("cuda") for engine in engines):
         return 0
     return SHARED_ENCODE_MAX_PAIRS
 
@@ -114,12 +113,12 @@ class ServiceState:
         settings: Settings,
         metrics: ServiceMetrics,
         on_ready: Callable[[], None] | None = None,
-        workers: WorkerReadiness | None = None,
+        workers: WorkerPeers | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._on_ready = on_ready  # called once, loaded and warm, just before readiness turns 200
-        self.workers = workers  # with several serving processes: which of them are ready
+        self.workers = workers  # with several serving processes: which of them are ready, or running passes
         self._publishing: asyncio.Task[None] | None = None
         self.phase = Phase.LOADING
         self.error: str | None = None
@@ -179,7 +178,8 @@ class ServiceState:
             max_queue_pairs=settings.max_queue_pairs,
             on_batch=self.metrics.observe_batch,
             failures_before_unhealthy=FAILED_BATCHES_BEFORE_UNHEALTHY,
-            inline_max_pairs=inline_max_pairs(engines, several_workers=self.workers is not None),
+            inline_max_pairs=inline_max_pairs(engines),
+            peers=self.workers,
         )
         encoder = Encoder(engine.encode)
         await encoder.start()
@@ -203,7 +203,7 @@ class ServiceState:
         self.phase = Phase.READY
         self.metrics.ready.set(1)
         if self.workers is not None:
-            self.workers.set(True)
+            self.workers.set_ready(True)
         for replica in engines:
             info = replica.info
             log.info("ready: %s in %s on %s (%s)", info.model_id, info.precision, info.device, info.device_name)
@@ -216,7 +216,7 @@ class ServiceState:
                 log.info("draining: %d pairs queued", self.scorer.batcher.stats.queued_pairs)
         self.metrics.ready.set(0)
         if self.workers is not None:
-            self.workers.set(False)
+            self.workers.set_ready(False)
         if self.scorer is None:
             return
         try:

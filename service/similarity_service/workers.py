@@ -13,8 +13,8 @@ once, and a client's keep-alive connection then stays with that worker.
 The parent only supervises. SIGTERM/SIGINT go to every worker, which drains as a lone process does (a
 second signal forces the exit). A worker that exits on its own (a crash, a failed load) makes the parent
 drain the others and exit 1, so Kubernetes restarts the pod rather than leaving it short of workers.
-Readiness is shared through `WorkerReadiness`; metrics through prometheus_client's multiprocess mode, in a
-directory the parent makes and removes.
+Readiness and the workers' running passes are shared through `WorkerPeers`; metrics through
+prometheus_client's multiprocess mode, in a directory the parent makes and removes.
 """
 
 from __future__ import annotations
@@ -53,28 +53,48 @@ AUTO_MAX_WORKERS = 3  # the most measured
 AUTO_GPU_MEMORY_PER_WORKER = 16 << 30
 AUTO_HOST_MEMORY_PER_WORKER = 8 << 30
 
-# A worker: `target(settings, readiness, sockets)` serves until drained and returns its exit status.
-WorkerTarget = Callable[[Settings, "WorkerReadiness", list[socket.socket]], int]
+# A worker: `target(settings, peers, sockets)` serves until drained and returns its exit status.
+WorkerTarget = Callable[[Settings, "WorkerPeers", list[socket.socket]], int]
 
 
-class WorkerReadiness:
-    """One worker's view of which workers are warm, in memory shared by all: readiness is the pod's.
+class WorkerPeers:
+    """One worker's view of the pod's workers, in memory shared by all: which are warm, and which are running a
+    forward pass.
 
-    A Service picks pods by their readiness probe, which lands on any one worker; one that answered ready
-    while a sibling still warms up would let requests reach the sibling and get 503.
+    Readiness is the pod's: a Service picks pods by their readiness probe, which lands on any one worker; one
+    that answered ready while a sibling still warms up would let requests reach the sibling and get 503.
+
+    Passes are counted so that a worker runs a lone request on its event loop (batching.py's
+    `inline_max_pairs`) only while no sibling's pass runs: the GPU time-slices processes, so beside one the
+    pass would wait with the loop held.
     """
 
-    def __init__(self, flags: SynchronizedArray[ctypes.c_bool], index: int) -> None:
-        self._flags = flags
+    def __init__(
+        self, ready: SynchronizedArray[ctypes.c_bool], passes: SynchronizedArray[ctypes.c_int], index: int
+    ) -> None:
+        self._ready = ready
+        self._passes = passes
         self.index = index
-        self.count = len(flags)
+        self.count = len(ready)
 
-    def set(self, ready: bool) -> None:
-        self._flags[self.index] = ready
+    def set_ready(self, ready: bool) -> None:
+        self._ready[self.index] = ready
 
     def warming(self) -> int:
         """How many workers are not ready (loading, draining or failed)."""
-        return len(self._flags) - sum(self._flags[:])
+        return len(self._ready) - sum(self._ready[:])
+
+    def pass_started(self) -> None:
+        with self._passes.get_lock():  # one worker may run passes on several GPUs' threads at once
+            self._passes[self.index] += 1
+
+    def pass_ended(self) -> None:
+        with self._passes.get_lock():
+            self._passes[self.index] -= 1
+
+    def others_running(self) -> bool:
+        """Whether a sibling worker is running a forward pass now."""
+        return any(running for index, running in enumerate(self._passes[:]) if index != self.index)
 
 
 class HostResources(NamedTuple):
@@ -110,11 +130,11 @@ def worker_count(settings: Settings, host: HostResources | None = None) -> int:
 def run_workers(settings: Settings, target: WorkerTarget, count: int) -> int:
     """Serve with `count` processes; 0 once all drained cleanly."""
     context = multiprocessing.get_context("spawn")  # no fork: CUDA and threads do not survive one
-    flags = context.Array(ctypes.c_bool, count)
+    ready, passes = context.Array(ctypes.c_bool, count), context.Array(ctypes.c_int, count)
     metrics_dir = tempfile.mkdtemp(prefix="structsim-metrics-")
     os.environ[METRICS_DIR_ENV] = metrics_dir
     processes = [
-        context.Process(target=_worker_main, args=(target, settings, flags, index), name=f"structsim-worker-{index}")
+        context.Process(target=_worker_main, args=(target, settings, ready, passes, index), name=f"structsim-worker-{index}")
         for index in range(count)
     ]
     try:
@@ -140,7 +160,13 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker_main(target: WorkerTarget, settings: Settings, flags: SynchronizedArray[ctypes.c_bool], index: int) -> None:
+def _worker_main(
+    target: WorkerTarget,
+    settings: Settings,
+    ready: SynchronizedArray[ctypes.c_bool],
+    passes: SynchronizedArray[ctypes.c_int],
+    index: int,
+) -> None:
     # Signals come from the parent only: a terminal's Ctrl-C reaches its whole process group, and a worker
     # counts a second signal as "force". A worker whose parent died (SIGKILL) drains and exits too.
     os.setpgrp()
@@ -150,7 +176,7 @@ def _worker_main(target: WorkerTarget, settings: Settings, flags: SynchronizedAr
     except OSError as exc:
         log.error("worker %d cannot listen on %s:%d: %s", index, settings.host, settings.port, exc)
         raise SystemExit(EXIT_WORKER_FAILED) from None
-    raise SystemExit(target(settings, WorkerReadiness(flags, index), [sock]))
+    raise SystemExit(target(settings, WorkerPeers(ready, passes, index), [sock]))
 
 
 def _drain_when_orphaned() -> None:

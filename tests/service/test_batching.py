@@ -385,7 +385,48 @@ async def test_an_engine_error_on_the_loop_fails_that_request_and_counts_against
     assert batcher.healthy
 
 
-def test_the_service_runs_requests_on_the_loop_only_on_gpus_it_serves_alone() -> None:
+class FakePeers:
+    """Sibling workers on the same GPU: their running passes, and this batcher's as it reports them."""
+
+    def __init__(self) -> None:
+        self.siblings_running = False
+        self.own_running = 0
+        self.own_passes = 0
+
+    def pass_started(self) -> None:
+        self.own_running += 1
+        self.own_passes += 1
+
+    def pass_ended(self) -> None:
+        self.own_running -= 1
+
+    def others_running(self) -> bool:
+        return self.siblings_running
+
+
+async def test_requests_run_on_the_loop_only_while_no_sibling_worker_runs_a_pass(
+    make_batcher: Callable[..., Batcher], engine: FakeEngine
+) -> None:
+    peers = FakePeers()
+    batcher = make_batcher(max_wait_ms=0, inline_max_pairs=1, peers=peers)
+    await batcher.start()
+    loop_thread = threading.current_thread().name
+    peers.siblings_running = True  # the GPU would run theirs first: hand it to the runner, keep the loop free
+    assert await batcher.submit([pair(1)]) == [0.0001]
+    await asyncio.sleep(0.01)
+    peers.siblings_running = False
+    assert await batcher.submit([pair(2)]) == [0.0002]
+    assert [name == loop_thread for name in engine.thread_of_pass] == [False, True]
+    assert (peers.own_passes, peers.own_running) == (2, 0)  # each pass told to the siblings, wherever it ran
+
+    engine.fail_on_key = 3  # a failed pass ends too
+    await asyncio.sleep(0.01)
+    with pytest.raises(RuntimeError):
+        await batcher.submit([pair(3)])
+    assert (peers.own_passes, peers.own_running) == (3, 0)
+
+
+def test_the_service_runs_requests_on_the_loop_only_on_gpus() -> None:
     import msgspec
 
     from similarity_service.lifespan import inline_max_pairs
@@ -396,7 +437,6 @@ def test_the_service_runs_requests_on_the_loop_only_on_gpus_it_serves_alone() ->
         engine.info = msgspec.structs.replace(FakeEngine.info, device=device)  # type: ignore[misc]
         return engine
 
-    assert inline_max_pairs([on("cuda:0"), on("cuda:1")], several_workers=False) == SHARED_ENCODE_MAX_PAIRS
-    assert inline_max_pairs([on("cuda:0")], several_workers=True) == 0  # siblings share the GPU
-    assert inline_max_pairs([on("cpu")], several_workers=False) == 0  # a pass would hold the loop for ms
-    assert inline_max_pairs([on("cuda:0"), on("cpu")], several_workers=False) == 0
+    assert inline_max_pairs([on("cuda:0"), on("cuda:1")]) == SHARED_ENCODE_MAX_PAIRS
+    assert inline_max_pairs([on("cpu")]) == 0  # a pass would hold the loop for ms
+    assert inline_max_pairs([on("cuda:0"), on("cpu")]) == 0

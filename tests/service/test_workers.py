@@ -29,10 +29,12 @@ from live_server import live_server
 from similarity_service.app import create_app
 from similarity_service.host import Gpus, visible_gpus
 from similarity_service.settings import Settings
-from similarity_service.workers import HostResources, WorkerReadiness, worker_count
+from similarity_service.workers import HostResources, WorkerPeers, worker_count
 from test_shutdown import STRUCTSIM, free_port, wait_until_ready
 
 if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import SynchronizedArray
+
     from similarity_service.runner import Engine
 
 BODY = {"sentence1": "今天天气怎么样", "sentence2": "今天天气如何"}
@@ -104,14 +106,19 @@ def test_auto_workers_follow_the_cores_and_memory_where_a_gpu_serves(
     assert worker_count(Settings(**options), host) == count  # type: ignore[arg-type]
 
 
+def shared_peers(count: int) -> tuple[SynchronizedArray[ctypes.c_bool], SynchronizedArray[ctypes.c_int]]:
+    context = multiprocessing.get_context("spawn")
+    return context.Array(ctypes.c_bool, count), context.Array(ctypes.c_int, count)
+
+
 def test_readiness_waits_for_every_worker_while_this_one_already_serves() -> None:
-    flags = multiprocessing.get_context("spawn").Array(ctypes.c_bool, 2)
+    ready, passes = shared_peers(2)
     engine = FakeEngine()
     engine.gate.set()
-    app = create_app(Settings(), engine_factory=lambda settings: engine, workers=WorkerReadiness(flags, 0))  # type: ignore[arg-type, return-value]
+    app = create_app(Settings(), engine_factory=lambda settings: engine, workers=WorkerPeers(ready, passes, 0))  # type: ignore[arg-type, return-value]
     with live_server(app) as server:
         deadline = time.monotonic() + 30
-        while not flags[0]:  # this worker is warm...
+        while not ready[0]:  # this worker is warm...
             assert time.monotonic() < deadline
             time.sleep(0.02)
         waiting = httpx.get(f"{server.url}/readyz")
@@ -120,11 +127,27 @@ def test_readiness_waits_for_every_worker_while_this_one_already_serves() -> Non
         assert "1 of 2 serving processes" in waiting.json()["error"]["message"]
         assert "retry-after" in waiting.headers
         assert httpx.post(f"{server.url}/v1/similarity", json={"sentence1": "ab", "sentence2": "c"}).status_code == 200
-        flags[1] = True
+        ready[1] = True
         assert httpx.get(f"{server.url}/readyz").status_code == 200
         info = httpx.get(f"{server.url}/v1/info").json()
         assert (info["workers"], info["worker"]) == (2, 0)
-    assert not flags[0]  # stopped: no longer counted ready
+    assert not ready[0]  # stopped: no longer counted ready
+
+
+def test_a_workers_passes_are_seen_by_its_siblings_while_they_run() -> None:
+    ready, passes = shared_peers(3)
+    engine = FakeEngine()
+    engine.gate.clear()
+    app = create_app(Settings(), engine_factory=lambda settings: engine, workers=WorkerPeers(ready, passes, 1))  # type: ignore[arg-type, return-value]
+    sibling, this_one = WorkerPeers(ready, passes, 0), WorkerPeers(ready, passes, 1)
+    with live_server(app) as server, concurrent.futures.ThreadPoolExecutor(1) as client:
+        answer = client.submit(httpx.post, f"{server.url}/v1/similarity", json={"sentence1": "ab", "sentence2": "c"})
+        assert engine.started.wait(30)
+        assert passes[:] == [0, 1, 0]  # the service's batcher counts its pass in this worker's slot
+        assert sibling.others_running() and not this_one.others_running()
+        engine.gate.set()
+        assert answer.result(30).status_code == 200
+        assert passes[:] == [0, 0, 0] and not sibling.others_running()
 
 
 # --- real `structsim serve --workers 2` -----------------------------------------------------------------

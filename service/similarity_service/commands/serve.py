@@ -14,7 +14,7 @@ import socket
 import sys
 
 from similarity_service.settings import Settings, SettingsError, add_arguments, load_settings
-from similarity_service.workers import WorkerReadiness, run_workers, worker_count
+from similarity_service.workers import WorkerPeers, run_workers, worker_count
 
 SHUTDOWN_GRACE_S = 5  # after draining: for responses still being written to finish
 # The runner thread gives up the GIL at every device sync; with Python's default 5 ms switch interval it
@@ -71,7 +71,7 @@ def configure_logging(settings: Settings, worker: int | None = None) -> None:
 
 
 def serve(
-    settings: Settings, sockets: list[socket.socket] | None = None, workers: WorkerReadiness | None = None
+    settings: Settings, sockets: list[socket.socket] | None = None, workers: WorkerPeers | None = None
 ) -> int:
     """Serve until drained; the exit status. `sockets` and `workers`: in one of several serving processes."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -97,7 +97,7 @@ def serve(
     return 1 if service.error is not None or server.forced else 0
 
 
-def serve_worker(settings: Settings, workers: WorkerReadiness, sockets: list[socket.socket]) -> int:
+def serve_worker(settings: Settings, workers: WorkerPeers, sockets: list[socket.socket]) -> int:
     """One of several serving processes (workers.py), in a freshly spawned interpreter."""
     configure_logging(settings, workers.index)
     return serve(settings, sockets, workers)
