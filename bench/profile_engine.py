@@ -3,7 +3,8 @@
 Splits `Engine.score_encoded` on the packed path into its stages (sort + pack on the host, the copy,
 the forwards, the read-back) and times each with a device sync in between, for a large call (the
 corpus x8) and for one pair; also the device time of the forwards alone (CUDA events) and of one
-graph replay. Not a benchmark of record: a map for the next optimization (METHOD.md).
+graph replay; and, in one profiled `Engine.score` call, where the device idles and which of the host's
+stages (tokenizing, launching, reading back) run meanwhile. Not a benchmark of record: a map for the next optimization (METHOD.md).
 
 GPU:  python3 bench/profile_engine.py [--compile] --out-dir bench/results
 """
@@ -11,10 +12,12 @@ GPU:  python3 bench/profile_engine.py [--compile] --out-dir bench/results
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from workload import distinct_copies
 
 from similarity_service.checkpoint import make_checkpoint
 from similarity_service.corpus import load_corpus
-from similarity_service.packed_executor import graph_bucket, pack, split_by_tokens
+from similarity_service.packed_executor import PendingScores, graph_bucket, pack, split_by_tokens
 from similarity_service.packed_pairs import PackedPairs
 from similarity_service.runner import Engine
 
@@ -104,33 +107,83 @@ def forwards_breakdown(forwards) -> dict:
     }
 
 
-def device_timeline(call) -> dict:
+HOST_STAGES = ("tokenize", "launch", "read_back", "rescore")
+
+
+@contextlib.contextmanager
+def host_stages(engine: Engine) -> Iterator[None]:
+    """`Engine.score`'s host stages as profiler ranges (HOST_STAGES): a chunk's tokenizing (its own thread),
+    its launch (sort, pack, copy and the forwards' kernels), its read-back, and the fp32 rescoring at the end."""
+    from torch.profiler import record_function
+
+    def ranged(name: str, fn):
+        def wrapper(*args, **kwargs):
+            with record_function(name):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    tokenizer = engine._tokenizer  # noqa: SLF001 - a profile looks inside
+    patched = [(tokenizer, "encode_packed", "tokenize"), (engine, "_launch_bulk", "launch"),
+               (engine, "_rescore", "rescore")]
+    for owner, attribute, name in patched:
+        setattr(owner, attribute, ranged(name, getattr(owner, attribute)))
+    collect = PendingScores.collect
+    PendingScores.collect = ranged("read_back", collect)
+    try:
+        yield
+    finally:
+        PendingScores.collect = collect
+        for owner, attribute, _ in patched:
+            delattr(owner, attribute)  # the class's method shows through again
+
+
+def device_timeline(call, engine: Engine | None = None) -> dict:
     """Where the device waits during one `call()`: kernel and copy intervals from the profiler, merged, and the
-    idle gaps between them (the host's part of a large call that does not overlap the device's)."""
+    idle gaps between them (the host's part of a large call that does not overlap the device's). With `engine`,
+    also the host stages (`host_stages`) that overlap each gap and every stage's interval, ms from the first
+    device event; profiling the host's ops too slows the host, so its gaps are an upper bound."""
     from torch.profiler import ProfilerActivity, profile
 
     call()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] if engine is None else [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with host_stages(engine) if engine is not None else contextlib.nullcontext(), profile(activities=activities) as prof:
         call()
         torch.cuda.synchronize()
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+    events = prof.events()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    origin = spans[0][0]
+    stages = sorted((e.time_range.start - origin, e.time_range.end - origin, e.name, e.thread)
+                    for e in events if e.device_type.name == "CPU" and e.name in HOST_STAGES)
     busy, gaps, (start, end) = 0.0, [], spans[0]
     for lo, hi in spans[1:]:
         if lo > end:
             busy += end - start
-            gaps.append((lo - end, end - spans[0][0]))
+            gaps.append((lo - end, end - origin))
             start, end = lo, hi
         else:
             end = max(end, hi)
     busy += end - start
-    span_us = end - spans[0][0]
-    return {
+    span_us = end - origin
+
+    def during(at: float, gap: float) -> list[str]:
+        return [f"{name} ({lo / 1e3:.2f}-{hi / 1e3:.2f} ms)" for lo, hi, name, _ in stages if lo < at + gap and hi > at]
+
+    timeline = {
         "first_to_last_ms": span_us / 1e3,
         "busy_ms": busy / 1e3,
         "idle_ms": (span_us - busy) / 1e3,
         "gaps_over_0_2_ms": [{"at_ms": at / 1e3, "ms": gap / 1e3} for gap, at in sorted(gaps) if gap > 200][::-1][:20],
+        "idle_ms_by_quarter": [sum(gap for gap, at in gaps if quarter * span_us / 4 <= at < (quarter + 1) * span_us / 4) / 1e3
+                               for quarter in range(4)],
     }
+    if engine is not None:
+        for gap in timeline["gaps_over_0_2_ms"]:
+            gap["host_stages"] = during(gap["at_ms"] * 1e3, gap["ms"] * 1e3)
+        threads = {thread: index for index, thread in enumerate(dict.fromkeys(thread for *_, thread in stages))}
+        timeline["host_stages"] = [{"stage": name, "thread": threads[thread], "from_ms": round(lo / 1e3, 3),
+                                    "to_ms": round(hi / 1e3, 3)} for lo, hi, name, thread in stages]
+    return timeline
 
 
 def main() -> None:
@@ -159,6 +212,7 @@ def main() -> None:
     report["score_ms"] = timed(lambda: engine.score(pairs), 3)
     report["score_pairs_s"] = len(pairs) / (report["score_ms"] / 1e3)
     report["score_device_timeline"] = device_timeline(lambda: engine.score(pairs))
+    report["score_device_timeline_with_host_stages"] = device_timeline(lambda: engine.score(pairs), engine)
     report["score_encoded_ms"] = timed(lambda: engine.score_encoded(items), 3)
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     report["sort_ms"] = timed(lambda: sorted(range(len(items)), key=lambda i: len(items[i].input_ids)), 3)
