@@ -3,6 +3,9 @@
 One request at a time (the next sent `gap` after the last was answered), the same pair, each stage p50 and
 p90, for each gap in `--gaps-ms` (0: back to back; 10: threads asleep and cores idle before each request):
   engine         `Engine.score([pair])` in this thread: tokenize, replay, read back (perf.py's "single")
+  encode         `Engine.encode([pair])` alone: the tokenizing
+  replay         the pair's CUDA graph replayed and waited for, inputs already in place: the device's part as
+                 the host sees it; replay_device: the same replay's device time (CUDA events)
   encoder_hop    the tokenizer thread (`Encoder`), then `score_encoded` here
   batcher_hop    tokenize here, then `Batcher.submit`: the runner thread runs the forward
   scorer         `Scorer.similarity`: the tokenizer thread and the batcher, as a request uses them
@@ -81,6 +84,29 @@ async def timed_async(call: Callable[[], Awaitable[object]], count: int, gap_s: 
     return summary(times)
 
 
+def replayed(engine: Engine, count: int, gap_s: float) -> dict[str, dict[str, float]]:
+    """The pair's graph replay alone, host-timed and device-timed; {} off the packed CUDA path."""
+    import torch
+
+    executor = engine._packed  # noqa: SLF001 - a probe looks inside
+    if executor is None or not engine.info.device.startswith("cuda"):
+        return {}
+    graph = executor._graphs[executor._fill_one(engine.encode([PAIR])[0])]  # noqa: SLF001
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    host, device = [], []
+    for _ in range(count + WARMUP):
+        if gap_s:
+            time.sleep(gap_s)
+        began = time.perf_counter()
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        host.append((time.perf_counter() - began) * 1e3)
+        device.append(start.elapsed_time(end))
+    return {"replay": summary(host), "replay_device": summary(device)}
+
+
 async def in_process(engine: Engine, count: int, gap_s: float) -> dict[str, dict[str, float]]:
     settings = Settings()
     batcher = Batcher(
@@ -104,6 +130,8 @@ async def in_process(engine: Engine, count: int, gap_s: float) -> dict[str, dict
 
     stages = {
         "engine": timed_sync(lambda: engine.score([PAIR]), count, gap_s),
+        "encode": timed_sync(lambda: engine.encode([PAIR]), count, gap_s),
+        **replayed(engine, count, gap_s),
         "encoder_hop": await timed_async(encoder_hop, count, gap_s),
         "batcher_hop": await timed_async(lambda: batcher.submit(engine.encode([PAIR])), count, gap_s),
         "scorer": await timed_async(lambda: scorer.similarity(*PAIR), count, gap_s),
