@@ -223,8 +223,9 @@ def p50_p90(times_ms: list[float]) -> dict[str, float | int]:
 
 
 async def lone_requests(url: str, bodies: list[bytes], gap_s: float, requests: int) -> dict[str, float | int]:
-    """POST `bodies` in turn to `url` one at a time on one connection, sleeping `gap_s` before each; p50/p90 of
-    the `requests` after 50 that warm the connection. A non-200 answer ends the bench."""
+    """POST `bodies` in turn to `url` (GET it when `bodies` is empty) one at a time on one connection, sleeping
+    `gap_s` before each; p50/p90 of the `requests` after 50 that warm the connection. A non-200 answer ends the
+    bench."""
     import aiohttp
 
     times = []
@@ -233,7 +234,12 @@ async def lone_requests(url: str, bodies: list[bytes], gap_s: float, requests: i
             if gap_s:
                 await asyncio.sleep(gap_s)
             start = time.perf_counter()
-            async with session.post(url, data=bodies[turn % len(bodies)], headers={"content-type": "application/json"}) as answer:
+            request = (
+                session.post(url, data=bodies[turn % len(bodies)], headers={"content-type": "application/json"})
+                if bodies
+                else session.get(url)
+            )
+            async with request as answer:
                 await answer.read()
                 if answer.status != 200:
                     raise SystemExit(f"status {answer.status} from {url}")
@@ -245,8 +251,9 @@ async def lone_requests(url: str, bodies: list[bytes], gap_s: float, requests: i
 async def round_trips(url: str, rounds: int) -> dict[str, float]:
     """Sequential requests from one aiohttp connection, /healthz and /v1/similarity interleaved: the HTTP
     round trip's floor (client, loopback and the server's framework) apart from scoring. Then one pair at a
-    time with a pause of PACED_GAP_S before each request: a lone request at low load, as a user sees it.
-    The open-loop p50 at low load adds the client's own lateness (see `p50_from_send_ms` there)."""
+    time with a pause of PACED_GAP_S before each request: a lone request at low load, as a user sees it; and
+    /healthz paced the same way, the part of that which the idle host (waking processes, cold caches) adds to
+    any request. The open-loop p50 at low load adds the client's own lateness (see `p50_from_send_ms` there)."""
     import aiohttp
 
     times: dict[str, list[float]] = {"healthz": [], "similarity": []}
@@ -264,10 +271,12 @@ async def round_trips(url: str, rounds: int) -> dict[str, float]:
             if turn >= 100:  # the first ones warm the connection
                 times[route].append((time.perf_counter() - start) * 1000)
     paced = await lone_requests(f"{url}/v1/similarity", [SHORT_PAIR_BODY], PACED_GAP_S, rounds * 60)
+    paced_healthz = await lone_requests(f"{url}/healthz", [], PACED_GAP_S, rounds * 60)
     p50 = {route: float(sorted(values)[len(values) // 2]) for route, values in times.items()}
     return {"healthz_p50_ms": p50["healthz"], "similarity_p50_ms": p50["similarity"],
             "similarity_beyond_healthz_p50_ms": p50["similarity"] - p50["healthz"], "requests_each": len(times["healthz"]),
-            "similarity_after_pause_p50_ms": paced["p50_ms"], "pause_ms": PACED_GAP_S * 1000,
+            "similarity_after_pause_p50_ms": paced["p50_ms"], "healthz_after_pause_p50_ms": paced_healthz["p50_ms"],
+            "pause_ms": PACED_GAP_S * 1000,
             "paced_requests": paced["requests"]}
 
 
