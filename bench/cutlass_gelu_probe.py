@@ -5,7 +5,7 @@ H200), and no separate GELU kernel is faster than ATen's (bench/gelu_probe.py). 
 GELU; CUTLASS's epilogue GELU is the erf one. This probe builds bench/cutlass_linear_gelu.cu (sm_90a, nvcc, the
 CUTLASS headers of the `nvidia-cutlass` wheel) and times y = gelu(x W^T + b) on BERT-base's ffn_in shapes:
 cuBLAS with its bias epilogue, cuBLAS + ATen's GELU (the engine's path, packed.linear_gelu), and CUTLASS with bias
-+ GELU fused (two schedules), plus CUTLASS with the bias alone (its GEMM against cuBLAS's). Each output's max |Δ|
++ GELU fused (four tile shapes and schedules), plus CUTLASS with the bias alone (its GEMM against cuBLAS's). Each output's max |Δ|
 against an fp32 reference. Device medians (CUDA events). Not a benchmark of record: a map for the next change.
 
 GPU:  python3 bench/cutlass_gelu_probe.py --out-dir $OUT   (PYTHONPATH=service:bench; nvcc and nvidia-cutlass)
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "cutlass_linear_gelu.cu"
 ROWS = (16_384, 62_203, 65_536)  # a bulk forward's tokens: 16k, the corpus x8's largest forwards, 64k
 HIDDEN, INNER = 768, 3072
-VARIANTS = ("gelu_coop", "gelu_pingpong", "bias_coop")
+VARIANTS = ("gelu_coop", "gelu_pingpong", "gelu_pingpong_128", "gelu_coop_256x128", "bias_coop")
 
 
 def build(library: Path) -> None:
@@ -92,6 +92,8 @@ def main() -> None:
             "cublas_bias_then_aten_gelu": (lambda: F.gelu(F.linear(x, weight, bias)), reference),
             "cutlass_bias_gelu_cooperative": (lambda: kernels["gelu_coop"](x, weight, bias, out), reference),
             "cutlass_bias_gelu_pingpong": (lambda: kernels["gelu_pingpong"](x, weight, bias, out), reference),
+            "cutlass_bias_gelu_pingpong_128x128": (lambda: kernels["gelu_pingpong_128"](x, weight, bias, out), reference),
+            "cutlass_bias_gelu_cooperative_256x128": (lambda: kernels["gelu_coop_256x128"](x, weight, bias, out), reference),
             "cutlass_bias_cooperative": (lambda: kernels["bias_coop"](x, weight, bias, out), reference_linear),
         }
         case = {"rows": rows, "ms": {}, "tflop_s": {}, "max_abs_vs_fp32": {}}
@@ -99,7 +101,7 @@ def main() -> None:
             case["max_abs_vs_fp32"][name] = float((run().float() - expected).abs().max())
             case["ms"][name] = device_ms(run)
             case["tflop_s"][name] = 2 * rows * HIDDEN * INNER / case["ms"][name] / 1e9
-            print(f"rows {rows:6d}  {name:32s} {case['ms'][name]:.3f} ms  {case['tflop_s'][name]:.0f} TFLOP/s  "
+            print(f"rows {rows:6d}  {name:38s} {case['ms'][name]:.3f} ms  {case['tflop_s'][name]:.0f} TFLOP/s  "
                   f"max |Δ| vs fp32 {case['max_abs_vs_fp32'][name]:.1e}", flush=True)  # fmt: skip
         cases.append(case)
     card = torch.cuda.get_device_name()

@@ -85,6 +85,10 @@ using GeluCoop = LinearAct<cutlass::epilogue::thread::GELU, Shape<_128, _256, _6
                            CooperativeEpilogue>;
 using GeluPingpong = LinearAct<cutlass::epilogue::thread::GELU, Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong,
                                PingpongEpilogue>;
+using GeluPingpong128 = LinearAct<cutlass::epilogue::thread::GELU, Shape<_128, _128, _64>, Shape<_2, _1, _1>,
+                                  Pingpong, PingpongEpilogue>;
+using GeluCoop256x128 = LinearAct<cutlass::epilogue::thread::GELU, Shape<_256, _128, _64>, Shape<_1, _2, _1>,
+                                  Cooperative, CooperativeEpilogue>;
 using BiasCoop = LinearAct<cutlass::epilogue::thread::Identity, Shape<_128, _256, _64>, Shape<_2, _1, _1>,
                            Cooperative, CooperativeEpilogue>;
 
@@ -97,4 +101,6 @@ using BiasCoop = LinearAct<cutlass::epilogue::thread::Identity, Shape<_128, _256
 
 ENTRY_POINTS(gelu_coop, GeluCoop)
 ENTRY_POINTS(gelu_pingpong, GeluPingpong)
+ENTRY_POINTS(gelu_pingpong_128, GeluPingpong128)
+ENTRY_POINTS(gelu_coop_256x128, GeluCoop256x128)
 ENTRY_POINTS(bias_coop, BiasCoop)
