@@ -29,7 +29,14 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "cutlass_linear_gelu.cu"
 ROWS = (16_384, 62_203, 65_536)  # a bulk forward's tokens: 16k, the corpus x8's largest forwards, 64k
 HIDDEN, INNER = 768, 3072
-VARIANTS = ("gelu_coop", "gelu_pingpong", "gelu_pingpong_128", "gelu_coop_256x128", "bias_coop")
+# cutlass_linear_gelu.cu's entry points: name in the results, and whether its epilogue applies the GELU
+CUTLASS_VARIANTS = {
+    "gelu_coop": ("cutlass_bias_gelu_cooperative", True),
+    "gelu_pingpong": ("cutlass_bias_gelu_pingpong", True),
+    "gelu_pingpong_128": ("cutlass_bias_gelu_pingpong_128x128", True),
+    "gelu_coop_256x128": ("cutlass_bias_gelu_cooperative_256x128", True),
+    "bias_coop": ("cutlass_bias_cooperative", False),
+}
 
 
 def build(library: Path) -> None:
@@ -77,7 +84,7 @@ def main() -> None:
     if not args.library.exists():
         build(args.library)
     library = ctypes.CDLL(str(args.library))
-    kernels = {name: CutlassLinear(library, name) for name in VARIANTS}
+    cutlass = {name: (CutlassLinear(library, entry), gelu) for entry, (name, gelu) in CUTLASS_VARIANTS.items()}
     torch.manual_seed(0)
     weight = (torch.randn(INNER, HIDDEN, device="cuda") * 0.03).half()
     bias = (torch.randn(INNER, device="cuda") * 0.1).half()
@@ -90,12 +97,9 @@ def main() -> None:
         ways = {
             "cublas_bias": (lambda: F.linear(x, weight, bias), reference_linear),
             "cublas_bias_then_aten_gelu": (lambda: F.gelu(F.linear(x, weight, bias)), reference),
-            "cutlass_bias_gelu_cooperative": (lambda: kernels["gelu_coop"](x, weight, bias, out), reference),
-            "cutlass_bias_gelu_pingpong": (lambda: kernels["gelu_pingpong"](x, weight, bias, out), reference),
-            "cutlass_bias_gelu_pingpong_128x128": (lambda: kernels["gelu_pingpong_128"](x, weight, bias, out), reference),
-            "cutlass_bias_gelu_cooperative_256x128": (lambda: kernels["gelu_coop_256x128"](x, weight, bias, out), reference),
-            "cutlass_bias_cooperative": (lambda: kernels["bias_coop"](x, weight, bias, out), reference_linear),
         }
+        for name, (kernel, gelu) in cutlass.items():
+            ways[name] = (lambda kernel=kernel: kernel(x, weight, bias, out), reference if gelu else reference_linear)
         case = {"rows": rows, "ms": {}, "tflop_s": {}, "max_abs_vs_fp32": {}}
         for name, (run, expected) in ways.items():
             case["max_abs_vs_fp32"][name] = float((run().float() - expected).abs().max())

@@ -35,6 +35,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from kernels_probe import device_ms  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 ACTIVATION = 64 * 768  # one latency-path batch: 64 rows of the hidden size
@@ -136,17 +137,7 @@ def graph_replay_ms(run, reps: int = 50) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return device_ms(graph.replay, reps)
 
 
 def check_cpu() -> None:
